@@ -1,0 +1,201 @@
+"""torch.ops.spt.routed_ffn: the routed (block-sparse) FFN custom op. Schema and semantics: docs/OPS.md.
+
+An FFN with hidden width H computes y = W2·act(W1·x + b1) + b2, or gated y = W_down·(act(W_gate·x) ⊙ W_up·x).
+The H hidden neurons form E = num_blocks blocks of equal width Hb = H // E; block e is the neurons
+block_perm[e*Hb:(e+1)*Hb], a permutation fixed at compile time (by default balanced k-means of the rows of W1 /
+W_gate, see lowering/neuron_blocks.py, so co-activating neurons share a block). The permutation only acts
+through indices: user parameters, their layout and their gradients are unchanged.
+
+Each token keeps its top_k blocks by router score (lowering/router.py):
+  "lowrank" (default): ||act(U_e S Vᵀ x + b1_e)|| from a rank-`router_rank` SVD of W1, computed on the first
+      call and refreshed from the current weights every `router_refresh` calls (no recompile); gated FFNs use
+      low-rank predictors of both projections: ||act(Ĝ_e x + bg_e) ⊙ (Û_e x + bu_e)||.
+  "oracle": ||act(W1_e x + b1_e)|| (gated: ||act(Wg_e x + bg_e) ⊙ (Wu_e x + bu_e)||), exact, dense first GEMM.
+Output: y = Σ over kept blocks e of W2[:, e]·hidden_e(x) + b2. Backward: exact gradients of that expression
+(the selection carries no gradient); weight-gradient rows/columns of unused blocks are zero, never computed.
+top_k == num_blocks (density 1.0) is exact mode and equals the dense FFN.
+
+Outputs (y, block_ids, h_pre, h_up): block_ids [T, top_k] int32, h_pre/h_up [T*top_k, Hb] pre-activations in
+block-grouped order (saved for the backward; not differentiable), h_up empty [0] when ungated.
+Dispatch: CUDA tensors (fp16/bf16/fp32) → Triton kernels in spt_compile.kernels; everything else → the
+plain-PyTorch reference in lowering/reference/routed_ffn.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from spt_compile.lowering import router as _router
+from spt_compile.lowering.neuron_blocks import compute_block_perm
+from spt_compile.lowering.reference import routed_ffn as _ref
+
+ACTIVATIONS = _ref.ACTIVATIONS
+ROUTERS = _router.ROUTERS
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _validate(x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks, top_k, router,
+              router_rank, router_refresh):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim [..., d], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
+    if w1.dim() != 2:
+        raise ValueError(f"w1 must be 2-D [H, d], got shape {tuple(w1.shape)}")
+    H, d = w1.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x last dim {x.shape[-1]} != w1 in-features d={d}")
+    if w2.dim() != 2 or w2.shape[1] != H:
+        raise ValueError(f"w2 must be [d_out, H={H}], got shape {tuple(w2.shape)}")
+    d_out = w2.shape[0]
+    for name, t, shape in (("b1", b1, (H,)), ("w_up", w_up, (H, d)), ("b_up", b_up, (H,)), ("b2", b2, (d_out,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if b_up is not None and w_up is None:
+        raise ValueError("b_up given without w_up (b_up is only meaningful for gated FFNs)")
+    for name, t in (("w1", w1), ("b1", b1), ("w_up", w_up), ("b_up", b_up), ("w2", w2), ("b2", b2)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must match x's dtype/device ({x.dtype}, {x.device}), "
+                             f"got ({t.dtype}, {t.device})")
+    if not isinstance(num_blocks, int) or num_blocks < 1 or H % num_blocks:
+        raise ValueError(f"num_blocks must be a positive divisor of H={H}, got {num_blocks!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_blocks:
+        raise ValueError(f"top_k must be in [1, num_blocks={num_blocks}], got {top_k!r}")
+    if router_rank < 1:
+        raise ValueError(f"router_rank must be >= 1, got {router_rank}")
+    if router_refresh < 1:
+        raise ValueError(f"router_refresh must be >= 1, got {router_refresh}")
+    if block_perm.dtype != torch.int64 or tuple(block_perm.shape) != (H,) or block_perm.device != x.device:
+        raise ValueError(f"block_perm must be an int64 [H={H}] tensor on {x.device}, got "
+                         f"{block_perm.dtype} {tuple(block_perm.shape)} on {block_perm.device}")
+
+
+def _check_perm(block_perm: torch.Tensor) -> None:
+    # A host sync: only on the reference (CPU / fp64) path, where it is free. The compiler builds block_perm
+    # with compute_block_perm, which is a permutation by construction.
+    H = block_perm.numel()
+    if not torch.equal(torch.sort(block_perm).values, torch.arange(H, device=block_perm.device)):
+        raise ValueError(f"block_perm must be a permutation of range({H})")
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in _KERNEL_DTYPES
+
+
+@torch.library.custom_op("spt::routed_ffn", mutates_args=())
+def routed_ffn_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w_up: torch.Tensor | None,
+                  b_up: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, block_perm: torch.Tensor,
+                  activation: str, num_blocks: int, top_k: int, router: str, router_rank: int,
+                  router_refresh: int, site_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks, top_k, router, router_rank,
+              router_refresh)
+    d = w1.shape[1]
+    x2d = x.reshape(-1, d)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    block_ids = _router.route(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, top_k, router,
+                              router_rank, router_refresh, site_id)             # [T, k] int32
+    if _use_kernels(x):
+        from spt_compile.kernels.grouped_gemm import routed_ffn_forward
+    else:
+        _check_perm(block_perm)
+        routed_ffn_forward = _ref.routed_ffn_forward
+    y2d, h_pre, h_up = routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation,
+                                          num_blocks)
+    y = y2d.reshape(*x.shape[:-1], w2.shape[0])
+    return y, block_ids, h_pre, h_up
+
+
+@routed_ffn_op.register_fake
+def _(x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks, top_k, router, router_rank,
+      router_refresh, site_id):
+    _validate(x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks, top_k, router, router_rank,
+              router_refresh)
+    T = 1  # product of leading dims (symbolic-friendly: no division by d)
+    for s in x.shape[:-1]:
+        T = T * s
+    Hb = w1.shape[0] // num_blocks
+    y = x.new_empty(*x.shape[:-1], w2.shape[0])
+    block_ids = x.new_empty(T, top_k, dtype=torch.int32)
+    h_pre = x.new_empty(T * top_k, Hb)
+    h_up = x.new_empty(T * top_k, Hb) if w_up is not None else x.new_empty(0)
+    return y, block_ids, h_pre, h_up
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks, top_k, router, router_rank,
+     router_refresh, site_id) = inputs
+    y, block_ids, h_pre, h_up = output
+    ctx.save_for_backward(x, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up)
+    ctx.activation = activation
+    ctx.num_blocks = num_blocks
+    ctx.mark_non_differentiable(block_ids, h_pre, h_up)
+
+
+@torch.library.custom_op("spt::routed_ffn_backward", mutates_args=())
+def routed_ffn_backward_op(dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                           w_up: torch.Tensor | None, b_up: torch.Tensor | None, w2: torch.Tensor,
+                           b2: torch.Tensor | None, block_perm: torch.Tensor, block_ids: torch.Tensor,
+                           h_pre: torch.Tensor, h_up: torch.Tensor, activation: str, num_blocks: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor]:
+    """The backward as its own opaque op: AOTAutograd traces the autograd formula, and the block loop is
+    data-dependent, so it must sit behind a custom op with a fake impl. Absent grads come back as empty [0]."""
+    if _use_kernels(x2d):
+        from spt_compile.kernels.grouped_gemm import routed_ffn_backward
+    else:
+        routed_ffn_backward = _ref.routed_ffn_backward
+    dy2d = dy2d.contiguous()
+    x2d = x2d.contiguous()
+    grads = routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre,
+                                h_up if w_up is not None else None, activation, num_blocks)
+    return tuple(g.contiguous() if g is not None else x2d.new_empty(0) for g in grads)
+
+
+@routed_ffn_backward_op.register_fake
+def _(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up, activation, num_blocks):
+    def like(t):
+        return x2d.new_empty(t.shape) if t is not None else x2d.new_empty(0)
+    return (x2d.new_empty(x2d.shape), like(w1), like(b1), like(w_up), like(b_up), like(w2), like(b2))
+
+
+def _backward(ctx, dy, _dblock_ids, _dh_pre, _dh_up):
+    x, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up = ctx.saved_tensors
+    d = w1.shape[1]
+    grads = torch.ops.spt.routed_ffn_backward(dy.reshape(-1, w2.shape[0]), x.reshape(-1, d), w1, b1, w_up,
+                                              b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
+                                              ctx.activation, ctx.num_blocks)
+    present = (True, True, b1 is not None, w_up is not None, b_up is not None, True, b2 is not None)
+    dx, dw1, db1, dw_up, db_up, dw2, db2 = (g if p else None for g, p in zip(grads, present))
+    return (dx.reshape(x.shape), dw1, db1, dw_up, db_up, dw2, db2) + (None,) * 8
+
+
+routed_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+               b2: torch.Tensor | None, *, w_up: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+               activation: str = "gelu", num_blocks: int = 16, density: float = 0.5, router: str = "lowrank",
+               router_rank: int = 32, router_refresh: int = 200, block_perm: torch.Tensor | None = None,
+               cluster: bool = True, site_id: int = 0) -> torch.Tensor:
+    """Convenience wrapper: y = routed FFN of x with top_k = max(1, round(density * num_blocks)).
+
+    block_perm defaults to compute_block_perm(w1, num_blocks, cluster) (computed per call: pass it in when
+    calling repeatedly). The router cache is keyed by site_id *and* the weight's storage, so distinct layers
+    sharing the default site_id never share factors.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    top_k = max(1, min(num_blocks, round(density * num_blocks)))
+    if block_perm is None:
+        if w1.dim() != 2:
+            raise ValueError(f"w1 must be 2-D [H, d], got shape {tuple(w1.shape)}")
+        block_perm = compute_block_perm(w1, num_blocks, cluster=cluster).to(w1.device)
+    y, _, _, _ = torch.ops.spt.routed_ffn(x, w1, b1, w_up, b_up, w2, b2, block_perm, activation, num_blocks,
+                                          top_k, router, router_rank, router_refresh, site_id)
+    return y
