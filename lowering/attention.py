@@ -1,0 +1,246 @@
+"""torch.ops.spt.pq_sparse_attention: schema, argument checks, fake impl, autograd, autocast, dispatch.
+
+The forward and its backward are two custom ops (`spt::pq_sparse_attention`,
+`spt::pq_sparse_attention_backward`), so each stays one opaque node in inductor's forward and backward
+graphs (a Python backward would be traced op by op, and the reference's torch.Generator is not traceable).
+Dispatch happens inside the op bodies: CUDA tensors (fp16/bf16/fp32) run the Triton stages from
+spt_compile.kernels (imported lazily, so CPU users never need a working Triton backend); everything else,
+and fp64 everywhere, runs the plain-PyTorch reference in lowering/reference/pq_attention.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spt_compile.lowering.reference import pq_attention as ref
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_DOC = """PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B, H, Nq, L] int32, lse [B, H, Nq] fp32).
+
+1. PQ of keys: split D into M = pq_subspaces slices; per (batch, kv head, slice) fit C = pq_centroids centroids by
+   a few Lloyd iterations with deterministic init. Each key gets M codes.
+2. s~(i,j) = scale * sum_m <q_i slice m, centroid of key j's code in slice m> + additive bias.
+3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
+   L_i = min(allowed_i, max(1, ceil(density * N_keys))).
+4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
+5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
+GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
+
+Exact mode (L >= Nk) skips PQ: idx lists every allowed key. idx and lse are auxiliary outputs without
+gradient; the mask gets no gradient. seed: int64 0-dim tensor, required when dropout_p > 0.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks (shared by the real and the fake impl, so bad calls fail at trace time too)
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, density: float,
+                pq_subspaces: int, pq_centroids: int, kmeans_iters: int, dropout_p: float,
+                seed: Optional[Tensor]) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype must be one of float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    b, h, nq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k head dim {k.shape[3]} != q head dim {d}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v shape {tuple(v.shape)} must match k {tuple(k.shape)} in heads and keys")
+    hkv, nk = k.shape[1], k.shape[2]
+    if hkv < 1 or h % hkv != 0:
+        raise ValueError(f"query heads H={h} must be a multiple of kv heads Hkv={hkv} (k.shape[1])")
+    if nk < 1:
+        raise ValueError(f"k must have at least one key, got Nk={nk}")
+    if not (isinstance(pq_subspaces, int) and pq_subspaces >= 1 and d % pq_subspaces == 0):
+        raise ValueError(f"pq_subspaces={pq_subspaces} must be a positive divisor of the head dim {d}")
+    if not (isinstance(pq_centroids, int) and pq_centroids >= 1):
+        raise ValueError(f"pq_centroids must be a positive int, got {pq_centroids}")
+    if not (isinstance(kmeans_iters, int) and kmeans_iters >= 0):
+        raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters}")
+    if not (0.0 < density <= 1.0):  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("seed (int64 0-dim tensor) is required when dropout_p > 0")
+    if seed is not None and (seed.dtype != torch.int64 or seed.dim() != 0):
+        raise ValueError(f"seed must be an int64 0-dim tensor, got {seed.dtype} with shape {tuple(seed.shape)}")
+    if mask is not None:
+        if mask.dim() != 4:
+            raise ValueError(f"mask must be 4-D, broadcastable to [B, H, Nq, Nk], got shape {tuple(mask.shape)}")
+        full = (b, h, nq, nk)
+        if any(ms not in (1, fs) for ms, fs in zip(mask.shape, full)):
+            raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to [B, H, Nq, Nk] = {full} "
+                             f"(each dim must be 1 or full)")
+        if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+            raise ValueError(f"mask dtype must be bool or floating (additive bias), got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+
+
+def _use_kernels(q: Tensor) -> bool:
+    """Triton kernels serve CUDA fp16/bf16/fp32; fp64 is a reference-only ground-truth mode."""
+    return q.is_cuda and q.dtype != torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward op
+# ----------------------------------------------------------------------------------------------------------
+
+# explicit schemas: inferred ones would say SymInt where docs/OPS.md says int
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, float density, "
+               "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed) "
+               "-> (Tensor out, Tensor idx, Tensor lse)")
+_BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor idx, Tensor? mask, "
+               "bool is_causal, float scale, float dropout_p, Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)")
+
+
+@torch.library.custom_op("spt::pq_sparse_attention", mutates_args=(), schema=_FWD_SCHEMA)
+def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                           density: float, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
+                           dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    L = ref.num_kept(nk, density)
+    if _use_kernels(q):
+        from spt_compile.kernels.attention_fwd import sparse_attention_forward
+        from spt_compile.kernels.attention_topk import select_topk
+        from spt_compile.kernels.pq import pq_quantize
+    else:
+        pq_quantize, select_topk, sparse_attention_forward = (
+            ref.pq_quantize, ref.select_topk, ref.sparse_attention_forward)
+    if L >= nk:  # exact mode: every allowed key, no PQ (plain torch ops, fine on any device)
+        idx = ref.allowed_indices(mask, is_causal, (b, h, nq, nk), q.device)
+    else:
+        codebooks, codes = pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
+        idx = select_topk(q, codebooks, codes, mask, is_causal, scale, L)
+    out, lse = sparse_attention_forward(q, k, v, idx, mask, is_causal, scale, dropout_p, seed)
+    # the fake impl promises contiguous outputs; .contiguous() is free when a kernel already complies
+    return out.contiguous(), idx.contiguous(), lse.contiguous()
+
+
+pq_sparse_attention_op.__doc__ = _DOC
+
+
+@pq_sparse_attention_op.register_fake
+def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed):
+    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed)
+    b, h, nq, _ = q.shape
+    L = ref.num_kept(k.shape[2], density)
+    out = q.new_empty((b, h, nq, v.shape[3]))
+    idx = q.new_empty((b, h, nq, L), dtype=torch.int32)
+    lse = q.new_empty((b, h, nq), dtype=torch.float32)
+    return out, idx, lse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward op
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("spt::pq_sparse_attention_backward", mutates_args=(), schema=_BWD_SCHEMA)
+def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                    idx: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                                    dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of pq_sparse_attention's out for the kept keys idx (exact gradients of step 4)."""
+    if _use_kernels(q):
+        from spt_compile.kernels.attention_bwd import sparse_attention_backward
+    else:
+        sparse_attention_backward = ref.sparse_attention_backward
+    dq, dk, dv = sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@pq_sparse_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, is_causal, scale, _density, _m, _c, _iters, dropout_p, seed = inputs
+    out, idx, lse = output
+    # O(N * (D + L)) saved: q, k, v (inputs), out, idx (int32, N * L), lse; never an N x N matrix
+    ctx.save_for_backward(q, k, v, mask, out, idx, lse, seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+    ctx.mark_non_differentiable(idx, lse)
+
+
+def _backward(ctx, dout, _didx, _dlse):
+    q, k, v, mask, out, idx, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.spt.pq_sparse_attention_backward(
+        dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed)
+    # grads for q, k, v; none for mask (no gradient by contract) and the non-tensor / seed arguments
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+pq_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autocast: cast q, k, v (not the mask) to the autocast dtype
+# ----------------------------------------------------------------------------------------------------------
+# torch.library.register_autocast would cast every floating input, including an additive mask: an fp32
+# finfo.min padding bias becomes -inf in bf16/fp16, turning "allowed with ~0 weight" into "not allowed"
+# (different output for all-padding rows). So we register our own Autocast kernels that cast q, k, v only.
+
+_autocast_lib = torch.library.Library("spt", "FRAGMENT")
+
+
+def _register_autocast(device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, q, k, v, *rest):
+        dtype = torch.get_autocast_dtype(device_type)
+        # like autocast's "lower precision" ops: only fp32 inputs are cast; fp64 stays (reference mode)
+        q, k, v = (t.to(dtype) if t.dtype == torch.float32 and t.device.type == device_type else t
+                   for t in (q, k, v))
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return torch.ops.spt.pq_sparse_attention.default(q, k, v, *rest)
+
+    _autocast_lib.impl("pq_sparse_attention", kernel, key_name, with_keyset=True)
+
+
+for _dev in ("cpu", "cuda"):
+    _register_autocast(_dev)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# user-facing convenience
+# ----------------------------------------------------------------------------------------------------------
+
+def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
+                        scale: Optional[float] = None, density: float = 0.25, pq_subspaces: int = 8,
+                        pq_centroids: int = 16, kmeans_iters: int = 3, dropout_p: float = 0.0,
+                        seed: int | Tensor | None = None) -> Tensor:
+    """out [B, H, Nq, Dv] of torch.ops.spt.pq_sparse_attention with SDPA-like defaults.
+
+    scale defaults to 1/sqrt(D). With dropout_p > 0 and no seed, a seed is drawn from torch's global RNG
+    here, outside the op (the op itself never touches global RNG state)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, heads, N, head_dim], got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if dropout_p > 0 and seed is None:
+        seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+    if isinstance(seed, int):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    out, _idx, _lse = torch.ops.spt.pq_sparse_attention(
+        q, k, v, mask, bool(is_causal), float(scale), float(density), int(pq_subspaces), int(pq_centroids),
+        int(kmeans_iters), float(dropout_p), seed)
+    return out

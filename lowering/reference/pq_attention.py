@@ -1,0 +1,320 @@
+"""Plain-PyTorch reference of torch.ops.spt.pq_sparse_attention, one function per stage of docs/OPS.md.
+
+Semantics (the same text is the op's docstring):
+1. PQ of keys: split D into M = pq_subspaces slices; per (batch, kv head, slice) fit C = pq_centroids
+   centroids by a few Lloyd iterations with deterministic init. Each key gets M codes.
+2. s~(i,j) = scale * sum_m <q_i slice m, centroid of key j's code in slice m> + additive bias.
+3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
+   L_i = min(allowed_i, max(1, ceil(density * N_keys))).
+4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
+5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
+GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
+
+Reference choices the Triton kernels (kernels/pq.py, attention_*.py) must match:
+- k-means init: the centroids of a (batch, kv head, slice) are the key slices at positions
+  (c * Nk) // C, c = 0..C-1. Each iteration assigns every key to argmin_c (|c|^2 - 2 x.c) (the |x|^2 term
+  does not change the argmin; ties go to the lowest c), then moves each centroid to the mean of its keys;
+  an empty cluster keeps its centroid. After `iters` iterations, the codes are re-assigned once more so
+  that codes and codebooks agree. Everything in fp32.
+- selection scores use k^ = the key reconstructed from its codes (s~ = scale * q.k^ is the lookup-table sum
+  written differently); fp32.
+- dropout: keep[b, h, i, slot] = rand(B, H, Nq, L; generator seeded with int(seed))[b, h, i, slot] >= p,
+  drawn over the full shape at once so that query chunking does not change it. The Triton kernels draw
+  from tl.rand instead: each implementation replays its own mask in its own backward, but the two
+  implementations' dropout masks differ.
+
+Only the query dimension is chunked (`chunk` rows at a time), so transient memory is O(chunk * Nk) for the
+selection and O(chunk * L * D) for the gathered keys/values, and nothing O(Nq * Nk) is ever allocated
+except in exact mode's index list, which is that size by definition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Largest transient per query chunk, in elements (32 MiB of fp32): big enough that the per-chunk Python
+# overhead is negligible, small enough that sequence length does not grow the working set.
+_CHUNK_ELEMS = 1 << 23
+
+
+def num_kept(nk: int, density: float) -> int:
+    """L = max(1, ceil(density * Nk)): the number of key slots per query (docs/OPS.md).
+
+    Everyone who needs L (op, fake impl, compiler report) calls this, so they agree bit for bit."""
+    return max(1, math.ceil(density * nk))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation dtype: fp32 for half types and fp32; fp64 stays fp64 (reference-only
+    ground-truth mode, where fp32 internals would cap the accuracy the tests rely on)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_chunk(nq: int, elems_per_query: int, chunk: int | None = None) -> int:
+    """Rows per query chunk so that a chunk's largest transient holds about _CHUNK_ELEMS elements."""
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return chunk
+    return max(1, min(max(nq, 1), _CHUNK_ELEMS // max(1, elems_per_query)))
+
+
+def _rows(mask: Tensor, i0: int, i1: int) -> Tensor:
+    """Rows i0:i1 of a mask broadcastable to [B, H, Nq, Nk] (a size-1 query dim broadcasts)."""
+    return mask if mask.shape[2] == 1 else mask[:, :, i0:i1]
+
+
+def mask_chunk(mask: Tensor | None, is_causal: bool, i0: int, i1: int, nk: int, cdt: torch.dtype,
+               device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """(allowed, bias) for query rows i0:i1, each broadcastable to [B, H, i1 - i0, Nk], or None.
+
+    allowed: bool, True where the key may be attended (mask True / finite bias, and j <= i if causal).
+    bias: additive bias in `cdt` (None for a bool mask or no mask). A finite bias is clamped into cdt's range
+    so that e.g. an fp64 finfo.min padding bias stays finite (= allowed, as docs/OPS.md says) in fp32.
+    """
+    allowed = bias = None
+    if mask is not None:
+        m = _rows(mask, i0, i1)
+        if m.dtype == torch.bool:
+            allowed = m
+        else:
+            allowed = torch.isfinite(m)
+            fin = torch.finfo(cdt)
+            bias = m.to(cdt).clamp(fin.min, fin.max)
+    if is_causal:
+        qi = torch.arange(i0, i1, device=device)
+        causal = torch.arange(nk, device=device)[None, :] <= qi[:, None]  # [c, Nk] top-left aligned
+        allowed = causal if allowed is None else allowed & causal
+    return allowed, bias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: product quantization of the keys
+# ----------------------------------------------------------------------------------------------------------
+
+def _assign(x: Tensor, cent: Tensor) -> Tensor:
+    """Nearest centroid per key slice. x [G, Nk, ds], cent [G, C, ds] -> codes [G, Nk] int64."""
+    g, nk, _ = x.shape
+    c = cent.shape[1]
+    codes = torch.empty((g, nk), dtype=torch.long, device=x.device)
+    step = max(1, _CHUNK_ELEMS // max(1, nk * c))  # groups per slice: dist is [step, Nk, C]
+    for g0 in range(0, g, step):
+        xs, cs = x[g0:g0 + step], cent[g0:g0 + step]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, so it is left out
+        dist = (cs * cs).sum(-1)[:, None, :] - 2.0 * torch.bmm(xs, cs.transpose(1, 2))  # [g, Nk, C]
+        codes[g0:g0 + step] = dist.argmin(-1)  # first minimum on ties
+    return codes
+
+
+def pq_quantize(k: Tensor, subspaces: int, centroids: int, iters: int) -> tuple[Tensor, Tensor]:
+    """k [B, Hkv, Nk, D] -> (codebooks [B, Hkv, M, C, D//M] fp32, codes [B, Hkv, Nk, M] int32).
+
+    Lloyd k-means per (batch, kv head, subspace), all groups batched together (no loop over keys)."""
+    b, hkv, nk, d = k.shape
+    m, c = subspaces, centroids
+    if d % m:
+        raise ValueError(f"subspaces={m} must divide the head dim {d}")
+    ds = d // m
+    g = b * hkv * m
+    x = k.to(torch.float32).reshape(b, hkv, nk, m, ds).permute(0, 1, 3, 2, 4).reshape(g, nk, ds)  # [G, Nk, ds]
+    init = (torch.arange(c, device=k.device) * nk) // c  # evenly spaced key positions (repeat if C > Nk)
+    cent = x[:, init, :].clone()  # [G, C, ds]
+    ones = torch.ones((g, nk), dtype=torch.float32, device=k.device)
+    for _ in range(iters):
+        codes = _assign(x, cent)  # [G, Nk]
+        sums = torch.zeros_like(cent).scatter_add_(1, codes[:, :, None].expand(g, nk, ds), x)  # [G, C, ds]
+        counts = torch.zeros((g, c), dtype=torch.float32, device=k.device).scatter_add_(1, codes, ones)
+        # an empty cluster keeps its centroid (a fresh random restart would make the result init-order dependent)
+        cent = torch.where(counts[:, :, None] > 0, sums / counts.clamp(min=1.0)[:, :, None], cent)
+    codes = _assign(x, cent)
+    codebooks = cent.reshape(b, hkv, m, c, ds)
+    codes = codes.reshape(b, hkv, m, nk).permute(0, 1, 3, 2).to(torch.int32).contiguous()  # [B, Hkv, Nk, M]
+    return codebooks, codes
+
+
+def reconstruct_keys(codebooks: Tensor, codes: Tensor) -> Tensor:
+    """k^ [B, Hkv, Nk, D] fp32: every key slice replaced by its centroid."""
+    b, hkv, m, c, ds = codebooks.shape
+    nk = codes.shape[2]
+    sel = codes.permute(0, 1, 3, 2).long()[..., None].expand(b, hkv, m, nk, ds)  # [B, Hkv, M, Nk, ds]
+    khat = torch.gather(codebooks, 3, sel)  # [B, Hkv, M, Nk, ds]
+    return khat.permute(0, 1, 3, 2, 4).reshape(b, hkv, nk, m * ds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: top-L selection by PQ score (and the exact-mode index list)
+# ----------------------------------------------------------------------------------------------------------
+
+def _masked_scores(s: Tensor, allowed: Tensor | None, bias: Tensor | None) -> Tensor:
+    """s + bias where allowed, -inf elsewhere (all broadcast to s's shape)."""
+    if bias is not None:
+        s = s + bias
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def select_topk(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None, is_causal: bool,
+                scale: float, L: int, *, chunk: int | None = None) -> Tensor:
+    """idx [B, H, Nq, L] int32: per query the top-L allowed keys by PQ score, valid slots first, -1 = empty."""
+    b, h, nq, d = q.shape
+    hkv, nk = codes.shape[1], codes.shape[2]
+    grp = h // hkv
+    khat = reconstruct_keys(codebooks, codes)[:, :, None]  # [B, Hkv, 1, Nk, D] fp32
+    q5 = q.reshape(b, hkv, grp, nq, d)  # [B, Hkv, G, Nq, D]: query head h uses kv head h // G
+    kk = min(L, nk)
+    idx = torch.full((b, h, nq, L), -1, dtype=torch.int32, device=q.device)
+    step = query_chunk(nq, b * h * nk, chunk)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        s = torch.matmul(q5[:, :, :, i0:i1].to(torch.float32), khat.transpose(-1, -2))  # [B, Hkv, G, c, Nk]
+        s = s.reshape(b, h, i1 - i0, nk) * scale
+        allowed, bias = mask_chunk(mask, is_causal, i0, i1, nk, torch.float32, q.device)
+        s = _masked_scores(s, allowed, bias)
+        vals, top = s.topk(kk, dim=-1, sorted=True)  # sorted: valid (finite) slots come first
+        idx[:, :, i0:i1, :kk] = torch.where(vals == float("-inf"), -1, top).to(torch.int32)
+    return idx
+
+
+def allowed_indices(mask: Tensor | None, is_causal: bool, shape: tuple[int, int, int, int],
+                    device: torch.device, *, chunk: int | None = None) -> Tensor:
+    """Exact mode: idx [B, H, Nq, Nk] int32 listing every allowed key in ascending order, then -1s."""
+    b, h, nq, nk = shape
+    idx = torch.empty((b, h, nq, nk), dtype=torch.int32, device=device)
+    step = query_chunk(nq, b * h * nk, chunk)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        allowed, _ = mask_chunk(mask, is_causal, i0, i1, nk, torch.float32, device)
+        if allowed is None:
+            idx[:, :, i0:i1] = torch.arange(nk, dtype=torch.int32, device=device)
+            continue
+        blocked = (~allowed).expand(b, h, i1 - i0, nk).to(torch.int8)
+        flag, order = torch.sort(blocked, dim=-1, stable=True)  # allowed keys first, in key order
+        idx[:, :, i0:i1] = torch.where(flag == 0, order, -1).to(torch.int32)
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages 3-4: exact attention over the kept keys, forward and backward
+# ----------------------------------------------------------------------------------------------------------
+
+def dropout_keep(shape: tuple[int, ...], dropout_p: float, seed: Tensor, device: torch.device) -> Tensor:
+    """keep [B, H, Nq, L] bool with P(keep) = 1 - dropout_p, a pure function of (shape, seed)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device, dtype=torch.float32) >= dropout_p
+
+
+class _Gather:
+    """Flat row indices of the kept keys of a query chunk, shared by forward and backward."""
+
+    def __init__(self, q: Tensor, k: Tensor):
+        b, h = q.shape[:2]
+        hkv, nk = k.shape[1], k.shape[2]
+        grp = h // hkv
+        kv_head = torch.arange(h, device=q.device) // grp  # [H]
+        # first row of (b, kv head of h) in k.reshape(B * Hkv * Nk, D)
+        self.base = ((torch.arange(b, device=q.device)[:, None] * hkv + kv_head[None, :]) * nk)[:, :, None, None]
+        self.nk = nk
+
+    def rows(self, idx_c: Tensor) -> Tensor:
+        """idx_c [B, H, c, L] -> flat rows [B, H, c, L] int64 (empty slots point at row 0 of their head)."""
+        return self.base + idx_c.clamp(min=0).long()
+
+
+def _chunk_logits(q_c: Tensor, kg: Tensor, idx_c: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
+                  i0: int, i1: int, nk: int) -> Tensor:
+    """s [B, H, c, L] = scale * q.k + bias over the kept slots, -inf on empty or disallowed slots."""
+    cdt = kg.dtype
+    s = torch.matmul(kg, q_c[..., None]).squeeze(-1) * scale  # [B, H, c, L]
+    allowed, bias = mask_chunk(mask, is_causal, i0, i1, nk, cdt, q_c.device)
+    safe = idx_c.clamp(min=0).long()
+    b, h, c, L = idx_c.shape
+    ok = idx_c >= 0
+    if allowed is not None:  # gather the [.., c, Nk] mask at the kept keys (broadcast dims expand for free)
+        ok = ok & torch.gather(allowed.expand(b, h, c, nk), -1, safe)
+    if bias is not None:
+        s = s + torch.gather(bias.expand(b, h, c, nk), -1, safe)
+    return s.masked_fill(~ok, float("-inf"))
+
+
+def _softmax_from_lse(s: Tensor, lse: Tensor) -> Tensor:
+    """p = exp(s - lse); rows with lse = -inf (no allowed key) give p = 0 instead of NaN."""
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    return torch.exp(s - lse_safe[..., None])
+
+
+def sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor | None, is_causal: bool,
+                             scale: float, dropout_p: float, seed: Tensor | None, *,
+                             chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Nq, Dv] q.dtype contiguous, lse [B, H, Nq] fp32) of softmax attention over idx's keys."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    L = idx.shape[3]
+    cdt = compute_dtype(q.dtype)
+    out = q.new_empty((b, h, nq, dv))
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
+    kf, vf = k.reshape(-1, d), v.reshape(-1, dv)  # [B*Hkv*Nk, D]
+    gat = _Gather(q, k)
+    step = query_chunk(nq, b * h * L * max(d, dv, 1), chunk)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        idx_c = idx[:, :, i0:i1]  # [B, H, c, L]
+        rows = gat.rows(idx_c).reshape(-1)
+        kg = kf.index_select(0, rows).reshape(b, h, i1 - i0, L, d).to(cdt)  # [B, H, c, L, D]
+        s = _chunk_logits(q[:, :, i0:i1].to(cdt), kg, idx_c, mask, is_causal, scale, i0, i1, nk)
+        lse_c = torch.logsumexp(s, dim=-1)  # [B, H, c]; -inf for a row with no kept key
+        p = _softmax_from_lse(s, lse_c)  # [B, H, c, L]
+        if keep is not None:
+            p = p * keep[:, :, i0:i1] / (1.0 - dropout_p)
+        vg = vf.index_select(0, rows).reshape(b, h, i1 - i0, L, dv).to(cdt)  # [B, H, c, L, Dv]
+        out[:, :, i0:i1] = torch.matmul(p[..., None, :], vg).squeeze(-2).to(q.dtype)
+        lse[:, :, i0:i1] = lse_c.to(torch.float32)
+    return out, lse
+
+
+def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, idx: Tensor,
+                              mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float,
+                              seed: Tensor | None, *, chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of sparse_attention_forward's out, by the flash-attention identities:
+    dP = dout.v (times the dropout scale), delta = rowsum(dout * out), dS = P * (dP - delta);
+    dq = scale * dS @ K_kept; dk, dv accumulated into their (kv head, key) rows with index_add
+    (a GQA kv head sums the gradients of its query-head group)."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    L = idx.shape[3]
+    cdt = compute_dtype(q.dtype)
+    dq = q.new_empty((b, h, nq, d))
+    dk = torch.zeros((k.shape[0] * k.shape[1] * nk, d), dtype=cdt, device=k.device)  # [B*Hkv*Nk, D]
+    dvv = torch.zeros((k.shape[0] * k.shape[1] * nk, dv), dtype=cdt, device=k.device)
+    keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
+    kf, vf = k.reshape(-1, d), v.reshape(-1, dv)
+    gat = _Gather(q, k)
+    step = query_chunk(nq, b * h * L * max(d, dv, 1), chunk)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        c = i1 - i0
+        idx_c = idx[:, :, i0:i1]
+        rows = gat.rows(idx_c).reshape(-1)
+        q_c = q[:, :, i0:i1].to(cdt)  # [B, H, c, D]
+        kg = kf.index_select(0, rows).reshape(b, h, c, L, d).to(cdt)
+        s = _chunk_logits(q_c, kg, idx_c, mask, is_causal, scale, i0, i1, nk)  # [B, H, c, L]
+        # the contract's lse is fp32; in fp64 (reference-only) mode recompute it so gradients keep fp64 accuracy
+        lse_c = torch.logsumexp(s, dim=-1) if cdt == torch.float64 else lse[:, :, i0:i1].to(cdt)
+        p = _softmax_from_lse(s, lse_c)
+        do = dout[:, :, i0:i1].to(cdt)  # [B, H, c, Dv]
+        delta = (do * out[:, :, i0:i1].to(cdt)).sum(-1, keepdim=True)  # [B, H, c, 1]
+        vg = vf.index_select(0, rows).reshape(b, h, c, L, dv).to(cdt)
+        dp = torch.matmul(vg, do[..., None]).squeeze(-1)  # [B, H, c, L] = dout . v_j
+        pd = p
+        if keep is not None:
+            kscale = keep[:, :, i0:i1].to(cdt) / (1.0 - dropout_p)
+            dp, pd = dp * kscale, p * kscale
+        ds = p * (dp - delta)  # [B, H, c, L]; 0 on empty slots since p = 0 there
+        dq[:, :, i0:i1] = (torch.matmul(ds[..., None, :], kg).squeeze(-2) * scale).to(q.dtype)
+        dk.index_add_(0, rows, (ds[..., None] * q_c[..., None, :] * scale).reshape(-1, d))
+        dvv.index_add_(0, rows, (pd[..., None] * do[..., None, :]).reshape(-1, dv))
+    return dq, dk.reshape(k.shape).to(k.dtype), dvv.reshape(v.shape).to(v.dtype)
