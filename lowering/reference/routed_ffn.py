@@ -12,8 +12,8 @@ p = t*k + s, stably sorted by block id (pair_order from `routing_prologue`).
 Speed matters here because this is the CPU path of the op:
   * weights are permuted once per call (w1[block_perm] etc.: O(H*d) copies, negligible next to the GEMMs)
     so that each block's weights are contiguous slices;
-  * exact mode (k == E) never gathers: every block owns every token, in token order, so each block is a dense
-    [T, d] x [d, Hb] GEMM written straight into its h_pre slice and y / dx are accumulated with addmm;
+  * exact mode (k == E) never gathers: every block owns every token, in token order, so it runs the dense
+    FFN's single GEMMs (block order) and h_pre is a [T, E, Hb] -> [E, T, Hb] transpose of the dense pre-activation;
   * sparse mode gathers each block's tokens once, writes GEMM results into preallocated grouped buffers
     (`out=`), applies the activation once over all pairs, and scatters back with one index_add_.
 """
@@ -88,6 +88,22 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.T
         torch.mm(x, w.t(), out=out)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _tok_to_grouped(t: torch.Tensor, E: int) -> torch.Tensor:
+    """[T, H] token-major (block order) -> [E*T, Hb] block-grouped (exact mode: block e's pairs are all T tokens)."""
+    T, H = t.shape
+    return t.view(T, E, H // E).transpose(0, 1).reshape(E * T, H // E)
+
+
+def _grouped_to_tok(g: torch.Tensor, E: int) -> torch.Tensor:
+    """Inverse of _tok_to_grouped: [E*T, Hb] -> [T, H]."""
+    Hb = g.shape[1]
+    return g.view(E, -1, Hb).transpose(0, 1).reshape(-1, E * Hb)
+
+
 def _block_slices(offsets: torch.Tensor):
     off = offsets.tolist()  # host copy of E+1 ints: fine on the CPU path this reference serves
     return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
@@ -105,21 +121,19 @@ def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, a
     gated = w_up is not None
     w1p, b1p, wup, bup, w2p = _permuted(w1, b1, w_up, b_up, w2, block_perm)
 
-    h_pre = x2d.new_empty(T * k, Hb)                                           # [T*k, Hb] grouped
-    h_up = x2d.new_empty(T * k, Hb) if gated else x2d.new_empty(0)
     if k == E:
-        # Exact mode: block e owns pairs [e*T, (e+1)*T) = all tokens in order; no gather, dense GEMMs.
-        for e in range(E):
-            rows, pr = slice(e * Hb, (e + 1) * Hb), slice(e * T, (e + 1) * T)
-            _linear_into(h_pre[pr], x2d, w1p[rows], None if b1p is None else b1p[rows])
-            if gated:
-                _linear_into(h_up[pr], x2d, wup[rows], None if bup is None else bup[rows])
-        hidden = _hidden(h_pre, h_up if gated else None, activation)          # [E*T, Hb]
-        y = x2d.new_zeros(T, d_out) if b2 is None else b2.expand(T, d_out).contiguous()
-        for e in range(E):
-            y.addmm_(hidden[e * T:(e + 1) * T], w2p[:, e * Hb:(e + 1) * Hb].t())
+        # Exact mode: every block owns every token in token order, so this is the dense FFN (same GEMMs,
+        # fp32 accumulation inside each) and the grouped layout is just a [T, E, Hb] -> [E, T, Hb] transpose.
+        pre = torch.nn.functional.linear(x2d, w1p, b1p)                       # [T, H] block order
+        up = torch.nn.functional.linear(x2d, wup, bup) if gated else None     # [T, H]
+        hidden = _hidden(pre, up, activation)                                  # [T, H]
+        y = torch.nn.functional.linear(hidden, w2p, b2)                        # [T, d_out]
+        h_pre = _tok_to_grouped(pre, E)
+        h_up = _tok_to_grouped(up, E) if gated else x2d.new_empty(0)
         return y, h_pre, h_up
 
+    h_pre = x2d.new_empty(T * k, Hb)                                           # [T*k, Hb] grouped
+    h_up = x2d.new_empty(T * k, Hb) if gated else x2d.new_empty(0)
     pair_order, offsets = routing_prologue(block_ids, E)
     tokens = pair_order.long() // k                                            # [T*k] token of each grouped pair
     blocks = _block_slices(offsets)
@@ -135,9 +149,11 @@ def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, a
     out_pairs = x2d.new_empty(T * k, d_out)                                    # [T*k, d_out] grouped
     for e, lo, hi in blocks:
         torch.mm(hidden[lo:hi], w2p[:, e * Hb:(e + 1) * Hb].t(), out=out_pairs[lo:hi])
-    y = x2d.new_zeros(T, d_out) if b2 is None else b2.expand(T, d_out).contiguous()
-    y.index_add_(0, tokens, out_pairs)
-    return y, h_pre, h_up
+    # accumulate the k contributions per token in fp32 for half types (as the GEMMs do internally)
+    acc = _acc_dtype(x2d.dtype)
+    y = torch.zeros(T, d_out, dtype=acc) if b2 is None else b2.to(acc).expand(T, d_out).contiguous()
+    y.index_add_(0, tokens, out_pairs.to(acc))
+    return y.to(x2d.dtype), h_pre, h_up
 
 
 def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
@@ -152,75 +168,91 @@ def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block
     E = num_blocks
     Hb = H // E
     k = block_ids.shape[1]
-    d_out = w2.shape[0]
     gated = w_up is not None
     dy2d = dy2d.contiguous()
     w1p, _, wup, _, w2p = _permuted(w1, None, w_up, None, w2, block_perm)
-    up = h_up if gated else None
-    act = activation_forward(h_pre, activation)                                # [T*k, Hb]
-    hidden = act * up if gated else act
-
-    dw1p = x2d.new_zeros(H, d)                                                 # rows in block order
-    dwupp = x2d.new_zeros(H, d) if gated else None
-    dw2pt = x2d.new_zeros(H, d_out)                                            # dw2 permuted, transposed
-    dhidden = x2d.new_empty(T * k, Hb)                                         # [T*k, Hb] grouped
-    exact = k == E
-    if exact:
-        blocks = [(e, e * T, (e + 1) * T) for e in range(E)]
-        tokens = None
+    if k == E:
+        grads_p = _backward_exact(dy2d, x2d, w1p, wup, w2p, h_pre, h_up if gated else None, activation, E)
     else:
-        pair_order, offsets = routing_prologue(block_ids, E)
-        tokens = pair_order.long() // k                                        # [T*k]
-        blocks = _block_slices(offsets)
-    dy_blk, x_blk = {}, {}
+        grads_p = _backward_sparse(dy2d, x2d, w1p, wup, w2p, block_ids, h_pre, h_up if gated else None,
+                                   activation, E)
+    dw1p, db1p, dwupp, dbupp, dw2p, dx = grads_p
+
+    # Back from block order to the user's neuron order: index_copy puts block-order row j at block_perm[j].
+    def unperm(t, dim=0):
+        return torch.empty_like(t).index_copy_(dim, block_perm, t)
+
+    dw1 = unperm(dw1p)
+    db1 = unperm(db1p) if b1 is not None else None
+    dw_up = unperm(dwupp) if gated else None
+    db_up = unperm(dbupp) if (gated and b_up is not None) else None
+    dw2 = unperm(dw2p, 1)                                                      # [d_out, H]
+    db2 = dy2d.sum(0) if b2 is not None else None
+    return dx, dw1, db1, dw_up, db_up, dw2, db2
+
+
+def _backward_exact(dy2d, x2d, w1p, wup, w2p, h_pre, h_up, activation, E):
+    """Dense backward in block order (exact mode): single GEMMs, as autograd through the dense FFN does."""
+    pre = _grouped_to_tok(h_pre, E)                                            # [T, H]
+    up = _grouped_to_tok(h_up, E) if h_up is not None else None
+    act = activation_forward(pre, activation)
+    hidden = act * up if up is not None else act
+    dw2p = dy2d.t() @ hidden                                                   # [d_out, H]
+    del hidden
+    dhidden = dy2d @ w2p                                                       # [T, H]
+    dpre = activation_backward(dhidden * up if up is not None else dhidden, pre, activation)
+    dup = dhidden * act if up is not None else None
+    del dhidden, act, pre
+    dw1p = dpre.t() @ x2d                                                      # [H, d]
+    dx = dpre @ w1p                                                            # [T, d]
+    dwupp = dbupp = None
+    if dup is not None:
+        dwupp = dup.t() @ x2d
+        dx.addmm_(dup, wup)
+        dbupp = dup.sum(0)
+    return dw1p, dpre.sum(0), dwupp, dbupp, dw2p, dx
+
+
+def _backward_sparse(dy2d, x2d, w1p, wup, w2p, block_ids, h_pre, h_up, activation, E):
+    """Per-block backward over the grouped pairs; unused blocks' weight-grad rows stay zero, untouched."""
+    T, d = x2d.shape
+    H, d_out = w1p.shape[0], w2p.shape[0]
+    Hb = H // E
+    k = block_ids.shape[1]
+    gated = h_up is not None
+    pair_order, offsets = routing_prologue(block_ids, E)
+    tokens = pair_order.long() // k                                            # [T*k]
+    blocks = _block_slices(offsets)
+    act = activation_forward(h_pre, activation)                                # [T*k, Hb]
+    hidden = act * h_up if gated else act
+
+    dw2pt = x2d.new_zeros(H, d_out)                                            # dw2 in block order, transposed
+    dhidden = x2d.new_empty(T * k, Hb)                                         # [T*k, Hb] grouped
     for e, lo, hi in blocks:
         cols = slice(e * Hb, (e + 1) * Hb)
-        dye = dy2d if exact else dy2d.index_select(0, tokens[lo:hi])          # [n_e, d_out]
-        dy_blk[e] = dye
+        dye = dy2d.index_select(0, tokens[lo:hi])                              # [n_e, d_out]
         torch.mm(hidden[lo:hi].t(), dye, out=dw2pt[cols])                      # [Hb, d_out]
         torch.mm(dye, w2p[:, cols], out=dhidden[lo:hi])                        # [n_e, Hb]
     del hidden
-    if gated:
-        dpre = activation_backward(dhidden * up, h_pre, activation)           # [T*k, Hb]
-        dup = dhidden * act
-    else:
-        dpre = activation_backward(dhidden, h_pre, activation)
-        dup = None
+    dpre = activation_backward(dhidden * h_up if gated else dhidden, h_pre, activation)  # [T*k, Hb]
+    dup = dhidden * act if gated else None
     del dhidden, act
 
-    dx = x2d.new_zeros(T, d)
-    dx_pairs = None if exact else x2d.new_empty(T * k, d)                      # [T*k, d] grouped
+    dw1p = x2d.new_zeros(H, d)
+    dwupp = x2d.new_zeros(H, d) if gated else None
+    db1p = x2d.new_zeros(H)
+    dbupp = x2d.new_zeros(H) if gated else None
+    dx_pairs = x2d.new_empty(T * k, d)                                         # [T*k, d] grouped
     for e, lo, hi in blocks:
         rows = slice(e * Hb, (e + 1) * Hb)
-        xe = x2d if exact else x2d.index_select(0, tokens[lo:hi])             # [n_e, d]
+        xe = x2d.index_select(0, tokens[lo:hi])                                # [n_e, d]
         torch.mm(dpre[lo:hi].t(), xe, out=dw1p[rows])
+        db1p[rows] = dpre[lo:hi].sum(0)
+        torch.mm(dpre[lo:hi], w1p[rows], out=dx_pairs[lo:hi])
         if gated:
             torch.mm(dup[lo:hi].t(), xe, out=dwupp[rows])
-        if exact:
-            dx.addmm_(dpre[lo:hi], w1p[rows])
-            if gated:
-                dx.addmm_(dup[lo:hi], wup[rows])
-        else:
-            torch.mm(dpre[lo:hi], w1p[rows], out=dx_pairs[lo:hi])
-            if gated:
-                dx_pairs[lo:hi].addmm_(dup[lo:hi], wup[rows])
-    if not exact:
-        dx.index_add_(0, tokens, dx_pairs)
-
-    # Back from block order to the user's neuron order: index_copy writes row block_perm[j] from row j.
-    def unperm_rows(t):
-        return torch.empty_like(t).index_copy_(0, block_perm, t)
-
-    def rowsum_blocks(g):  # per-neuron sums of a grouped [T*k, Hb] gradient, in block order [H]
-        out = g.new_zeros(H)
-        for e, lo, hi in blocks:
-            out[e * Hb:(e + 1) * Hb] = g[lo:hi].sum(0)
-        return out
-
-    dw1 = unperm_rows(dw1p)
-    db1 = unperm_rows(rowsum_blocks(dpre)) if b1 is not None else None
-    dw_up = unperm_rows(dwupp) if gated else None
-    db_up = unperm_rows(rowsum_blocks(dup)) if (gated and b_up is not None) else None
-    dw2 = unperm_rows(dw2pt).t().contiguous()                                  # [d_out, H]
-    db2 = dy2d.sum(0) if b2 is not None else None
-    return dx, dw1, db1, dw_up, db_up, dw2, db2
+            dbupp[rows] = dup[lo:hi].sum(0)
+            dx_pairs[lo:hi].addmm_(dup[lo:hi], wup[rows])
+    acc = _acc_dtype(x2d.dtype)
+    dx = torch.zeros(T, d, dtype=acc).index_add_(0, tokens, dx_pairs.to(acc)).to(x2d.dtype)
+    return dw1p, db1p, dwupp, dbupp, dw2pt.t(), dx
