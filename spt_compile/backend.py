@@ -1,0 +1,68 @@
+"""`torch.compile(model, backend="spt", options={...})` lands here (entry point `torch_dynamo_backends`).
+
+Dynamo hands us one FX graph at a time. We validate the options, rewrite attention and FFN sites into spt ops
+(rewrite.py), record every decision in a Report, and give the graph to inductor, which runs AOTAutograd and
+generates code for everything else; our ops stay single nodes in the forward and backward graphs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+from torch import fx
+
+from spt_compile.cache_salt import salted_config_patches
+from spt_compile.options import SptOptions
+from spt_compile.report import Report, record_compile
+from spt_compile.rewrite import rewrite_graph
+
+log = logging.getLogger("spt_compile")
+if os.environ.get("SPT_LOGS"):  # our own switch: an unknown name in TORCH_LOGS breaks `import torch`
+    logging.basicConfig()
+    log.setLevel(os.environ["SPT_LOGS"].upper() if os.environ["SPT_LOGS"].isalpha() else "INFO")
+
+
+def spt_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    """The Dynamo backend. `example_inputs` are the user's real tensors: read, never mutated."""
+    options = SptOptions.from_dict(kwargs.pop("options", None))
+    if kwargs:
+        raise ValueError(f"backend 'spt' got unexpected argument(s) {sorted(kwargs)}; pass settings via options={{...}}")
+    report = Report(options=options.as_dict())
+    gm = rewrite_graph(gm, example_inputs, options, report, graph_index=0)
+    record_compile(report)
+    _trace_report(report)
+    log.info("%s", report)
+    return compile_rewritten(gm, example_inputs, options)
+
+
+def compile_rewritten(gm: fx.GraphModule, example_inputs, options: SptOptions):
+    if options.inner_backend == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=salted_config_patches())
+
+
+def analysis_backend(options: SptOptions, report: Report):
+    """A backend that rewrites and records but runs the original graph eagerly (used by `explain`)."""
+
+    def backend(gm: fx.GraphModule, example_inputs, **_):
+        probe = copy.deepcopy(gm)  # analyse a copy; the user's model runs unchanged
+        sub = Report(options=options.as_dict())
+        rewrite_graph(probe, example_inputs, options, sub, graph_index=0)
+        report.extend(sub)
+        return gm.forward
+
+    return backend
+
+
+def _trace_report(report: Report) -> None:
+    """Put the report into TORCH_TRACE logs (tlparse shows it) when tracing is on."""
+    try:
+        from torch._logging import trace_structured
+        trace_structured("artifact", metadata_fn=lambda: {"name": "spt_rewrite_report", "encoding": "json"},
+                         payload_fn=report.to_json)
+    except Exception:  # noqa: BLE001 - logging must never break compilation
+        pass

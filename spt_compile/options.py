@@ -1,0 +1,111 @@
+"""The options of `torch.compile(model, backend="spt", options={...})`, validated when compiling.
+
+Every key is documented in OPTION_DOCS (shown by `python -m spt_compile options`). A bad key or value raises
+ValueError naming it, before any graph is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+_ROUTERS = ("lowrank", "oracle")
+_INNER_BACKENDS = ("inductor", "aot_eager")
+
+OPTION_DOCS = {
+    "attention": '"pq" (default): rewrite attention into PQ-sparse attention; "dense": leave attention alone',
+    "attention_density": "fraction of the keys each query keeps, in (0, 1]; 1.0 is exact mode (default 0.25)",
+    "pq_subspaces": "PQ sub-spaces per head (M); must divide the head dim, else the largest divisor <= M is used and reported (default 8)",
+    "pq_centroids": "k-means centroids per sub-space (C), 2..256 (default 16)",
+    "pq_kmeans_iters": "Lloyd iterations when fitting the key codebooks, 0..20 (default 3)",
+    "min_seq_len": "attention with fewer keys than this stays dense (default 128)",
+    "ffn": '"routed" (default): rewrite FFNs into routed FFNs; "dense": leave FFNs alone',
+    "ffn_blocks": "number of neuron blocks E per FFN; must divide the hidden width, else the largest divisor <= E is used and reported (default 16)",
+    "ffn_density": "fraction of blocks each token uses, in (0, 1]; top-k = max(1, round(density * E)); 1.0 is exact mode (default 0.5)",
+    "ffn_router": '"lowrank" (default): rank-r SVD predictor of the first projection; "oracle": exact scores (dense first GEMM)',
+    "ffn_router_rank": "rank r of the low-rank router, >= 1 (default 32)",
+    "ffn_router_refresh": "refresh the low-rank router from the current weights every this many calls, >= 1 (default 200)",
+    "ffn_cluster": "group co-activating neurons into blocks by balanced k-means of the first projection's rows (default True)",
+    "inner_backend": '"inductor" (default) compiles the rewritten graph with inductor; "aot_eager" runs it eagerly through AOTAutograd (debugging)',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SptOptions:
+    attention: str = "pq"
+    attention_density: float = 0.25
+    pq_subspaces: int = 8
+    pq_centroids: int = 16
+    pq_kmeans_iters: int = 3
+    min_seq_len: int = 128
+    ffn: str = "routed"
+    ffn_blocks: int = 16
+    ffn_density: float = 0.5
+    ffn_router: str = "lowrank"
+    ffn_router_rank: int = 32
+    ffn_router_refresh: int = 200
+    ffn_cluster: bool = True
+    inner_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        _check_choice("attention", self.attention, ("pq", "dense"))
+        _check_fraction("attention_density", self.attention_density)
+        _check_int("pq_subspaces", self.pq_subspaces, 1, 1024)
+        _check_int("pq_centroids", self.pq_centroids, 2, 256)
+        _check_int("pq_kmeans_iters", self.pq_kmeans_iters, 0, 20)
+        _check_int("min_seq_len", self.min_seq_len, 0, None)
+        _check_choice("ffn", self.ffn, ("routed", "dense"))
+        _check_int("ffn_blocks", self.ffn_blocks, 1, 4096)
+        _check_fraction("ffn_density", self.ffn_density)
+        _check_choice("ffn_router", self.ffn_router, _ROUTERS)
+        _check_int("ffn_router_rank", self.ffn_router_rank, 1, None)
+        _check_int("ffn_router_refresh", self.ffn_router_refresh, 1, None)
+        if not isinstance(self.ffn_cluster, bool):
+            raise ValueError(f"spt option 'ffn_cluster' must be a bool, got {self.ffn_cluster!r}")
+        _check_choice("inner_backend", self.inner_backend, _INNER_BACKENDS)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | "SptOptions" | None) -> "SptOptions":
+        if options is None:
+            return cls()
+        if isinstance(options, SptOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"spt options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown spt option(s) {', '.join(map(repr, unknown))}; "
+                             f"valid keys: {', '.join(sorted(known))}")
+        return cls(**dict(options))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def exact_attention(self) -> bool:
+        return self.attention_density == 1.0
+
+    @property
+    def exact_ffn(self) -> bool:
+        return self.ffn_density == 1.0
+
+    def ffn_top_k(self, num_blocks: int) -> int:
+        return max(1, min(num_blocks, round(self.ffn_density * num_blocks)))
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"spt option {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (0.0 < value <= 1.0):
+        raise ValueError(f"spt option {key!r} must be a number in (0, 1], got {value!r}")
+
+
+def _check_int(key: str, value: Any, lo: int, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"spt option {key!r} must be an integer {rng}, got {value!r}")

@@ -1,0 +1,122 @@
+"""Small helpers over Dynamo FX nodes: example values, provenance, constants."""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch import fx
+
+VIEW_METHODS = frozenset({"view", "reshape", "contiguous", "flatten", "unflatten"})
+CAST_METHODS = frozenset({"to", "type", "float", "half", "bfloat16", "double"})
+
+
+def val(node) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for a node (None for non-tensors)."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def ndim(node) -> int | None:
+    v = val(node)
+    return None if v is None else v.dim()
+
+
+def shape_str(node) -> str:
+    v = val(node)
+    return "?" if v is None else "[" + ",".join(str(s) for s in v.shape) + "]"
+
+
+def size_hint(x) -> int | None:
+    """An int for a size that may be a SymInt (its hint), None if unknown."""
+    if isinstance(x, int):
+        return x
+    try:
+        return int(x.node.hint) if x.node.hint is not None else None
+    except Exception:  # noqa: BLE001 - any symbolic failure means "unknown"
+        return None
+
+
+def const_number(x) -> float | None:
+    """A Python number, or a node that is a 0-d `torch.full([], number)` / `torch.tensor(number)`."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node) and x.op == "call_function":
+        if x.target is torch.full and len(x.args) >= 2 and tuple(x.args[0]) == () and isinstance(x.args[1], (int, float)):
+            return float(x.args[1])
+        if x.target is torch.tensor and len(x.args) == 1 and isinstance(x.args[0], (int, float)):
+            return float(x.args[0])
+    return None
+
+
+def is_cast(node) -> bool:
+    """A dtype-only cast between floating dtypes (`.to(dtype)`, `.type(dtype)`, `.float()`, ...)."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in CAST_METHODS:
+        return False
+    src, dst = val(node.args[0]), val(node)
+    if src is None or dst is None or src.shape != dst.shape or src.device != dst.device:
+        return False
+    return src.dtype.is_floating_point and dst.dtype.is_floating_point
+
+
+def is_view(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in VIEW_METHODS
+
+
+def is_call(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def is_binary(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets \
+        and len(node.args) == 2 and not node.kwargs
+
+
+def module_path(node: fx.Node) -> str:
+    """The module a node came from, as a user would write it: "model.layers.0.self_attn"."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _type = list(stack.values())[-1]
+    return clean_module_path(str(path))
+
+
+def clean_module_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".") or "<root>"
+
+
+def source_line(node: fx.Node) -> str:
+    """"file.py:123" of the innermost user frame that created the node."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return ""
+    file, line = frames[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line}"
+
+
+def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
+    """New nodes inherit where the matched code came from (the inspection tool needs it)."""
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def only_used_by(nodes: set[fx.Node], allowed_users: set[fx.Node]) -> fx.Node | None:
+    """The first node in `nodes` with a user outside `allowed_users`, else None."""
+    for n in nodes:
+        for u in n.users:
+            if u not in allowed_users:
+                return n
+    return None
+
+
+GETITEM = operator.getitem

@@ -1,0 +1,128 @@
+"""The report: every decision the backend took, one record per candidate site.
+
+`spt_compile.explain(...)` returns a `Report`; the backend also appends to `last_reports()` on every compile so
+a user of `torch.compile(..., backend="spt")` can look at what happened. The inspection tool (its own issue)
+renders the same records: nothing is decided anywhere without being written here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from typing import Any
+
+REWRITTEN = "rewritten"
+DENSE = "dense"
+
+
+@dataclasses.dataclass
+class SiteRecord:
+    kind: str                 # "attention" | "ffn"
+    module: str               # module path, e.g. "model.layers.0.self_attn"
+    source: str               # "modeling_llama.py:253"
+    status: str               # REWRITTEN | DENSE
+    reason: str = ""          # why it stayed dense, or notes on adjusted parameters
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    spelling: str = ""        # which pattern matched: "sdpa", "eager", "linear+gelu", "gated silu", ...
+    graph: int = 0            # index of the Dynamo graph it came from
+    shape: str = ""           # e.g. "q[2,4,128,64] k[2,2,128,64]" or "x[256,768] H=3072"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    index: int
+    nodes_before: int = 0
+    nodes_after: int = 0
+    code_before: str = ""
+    code_after: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sites: list[SiteRecord] = dataclasses.field(default_factory=list)
+    graphs: list[GraphRecord] = dataclasses.field(default_factory=list)
+
+    # -- queries ------------------------------------------------------------------------------
+    def rewritten(self, kind: str | None = None) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status == REWRITTEN and (kind is None or s.kind == kind)]
+
+    def dense(self, kind: str | None = None) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status == DENSE and (kind is None or s.kind == kind)]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            key = f"{s.kind}:{s.status}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"options": self.options, "sites": [s.as_dict() for s in self.sites],
+                "graphs": [dataclasses.asdict(g) for g in self.graphs]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    def extend(self, other: "Report") -> None:
+        offset = len(self.graphs)
+        for g in other.graphs:
+            self.graphs.append(dataclasses.replace(g, index=g.index + offset))
+        for s in other.sites:
+            self.sites.append(dataclasses.replace(s, graph=s.graph + offset))
+        if not self.options:
+            self.options = dict(other.options)
+
+    # -- rendering ----------------------------------------------------------------------------
+    def table(self) -> str:
+        headers = ("#", "kind", "module", "source", "status", "params / reason")
+        rows = []
+        for i, s in enumerate(self.sites):
+            detail = _format_params(s.params) if s.status == REWRITTEN else s.reason
+            if s.status == REWRITTEN and s.reason:
+                detail = f"{detail}; {s.reason}"
+            rows.append((str(i), s.kind, s.module or "?", s.source or "?", s.status, detail))
+        widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h) for c, h in enumerate(headers)]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+    def summary(self) -> str:
+        att_r, att_d = len(self.rewritten("attention")), len(self.dense("attention"))
+        ffn_r, ffn_d = len(self.rewritten("ffn")), len(self.dense("ffn"))
+        return (f"spt: {len(self.graphs)} graph(s); attention {att_r} rewritten / {att_d} dense; "
+                f"ffn {ffn_r} rewritten / {ffn_d} dense")
+
+    def __str__(self) -> str:
+        return self.summary() + "\n" + self.table()
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+# Reports of the compiles this process ran with backend="spt" (most recent last), bounded.
+_LOCK = threading.Lock()
+_RECENT: list[Report] = []
+_MAX_RECENT = 64
+
+
+def record_compile(report: Report) -> None:
+    with _LOCK:
+        _RECENT.append(report)
+        del _RECENT[:-_MAX_RECENT]
+
+
+def last_reports() -> list[Report]:
+    """Reports of recent backend="spt" compiles in this process, oldest first."""
+    with _LOCK:
+        return list(_RECENT)
+
+
+def clear_reports() -> None:
+    with _LOCK:
+        _RECENT.clear()
