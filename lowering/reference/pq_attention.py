@@ -228,7 +228,8 @@ def _chunk_logits(q_c: Tensor, kg: Tensor, idx_c: Tensor, mask: Tensor | None, i
                   i0: int, i1: int, nk: int) -> Tensor:
     """s [B, H, c, L] = scale * q.k + bias over the kept slots, -inf on empty or disallowed slots."""
     cdt = kg.dtype
-    s = torch.matmul(kg, q_c[..., None]).squeeze(-1) * scale  # [B, H, c, L]
+    # einsum runs this as a batched GEMM with a more accurate accumulation than matmul's batched GEMV
+    s = torch.einsum("bhcld,bhcd->bhcl", kg, q_c) * scale  # [B, H, c, L]
     allowed, bias = mask_chunk(mask, is_causal, i0, i1, nk, cdt, q_c.device)
     safe = idx_c.clamp(min=0).long()
     b, h, c, L = idx_c.shape
@@ -266,12 +267,17 @@ def sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask:
         rows = gat.rows(idx_c).reshape(-1)
         kg = kf.index_select(0, rows).reshape(b, h, i1 - i0, L, d).to(cdt)  # [B, H, c, L, D]
         s = _chunk_logits(q[:, :, i0:i1].to(cdt), kg, idx_c, mask, is_causal, scale, i0, i1, nk)
-        lse_c = torch.logsumexp(s, dim=-1)  # [B, H, c]; -inf for a row with no kept key
-        p = _softmax_from_lse(s, lse_c)  # [B, H, c, L]
+        # normalise by the row sum (not exp(s - lse)): lse's rounding, eps * |lse|, would otherwise scale
+        # every probability of the row by the same relative error
+        mx = s.amax(-1, keepdim=True)  # [B, H, c, 1]; -inf for a row with no kept key
+        e = torch.exp(s - torch.where(torch.isfinite(mx), mx, 0.0))  # [B, H, c, L]; 0 on -inf slots
+        den = e.sum(-1, keepdim=True)  # [B, H, c, 1]; 0 only for a row with no kept key
+        lse_c = (torch.where(torch.isfinite(mx), mx, 0.0) + torch.log(den)).squeeze(-1)  # -inf for such rows
         if keep is not None:
-            p = p * keep[:, :, i0:i1] / (1.0 - dropout_p)
+            e = e * keep[:, :, i0:i1] / (1.0 - dropout_p)
         vg = vf.index_select(0, rows).reshape(b, h, i1 - i0, L, dv).to(cdt)  # [B, H, c, L, Dv]
-        out[:, :, i0:i1] = torch.matmul(p[..., None, :], vg).squeeze(-2).to(q.dtype)
+        o = torch.einsum("bhcl,bhcld->bhcd", e, vg) / torch.where(den > 0, den, 1.0)  # [B, H, c, Dv]
+        out[:, :, i0:i1] = o.to(q.dtype)
         lse[:, :, i0:i1] = lse_c.to(torch.float32)
     return out, lse
 
@@ -280,9 +286,10 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                               mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float,
                               seed: Tensor | None, *, chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of sparse_attention_forward's out, by the flash-attention identities:
-    dP = dout.v (times the dropout scale), delta = rowsum(dout * out), dS = P * (dP - delta);
+    dP = dout.v (times the dropout scale), delta = rowsum(dout * out) = sum_l P_l dP_l, dS = P * (dP - delta);
     dq = scale * dS @ K_kept; dk, dv accumulated into their (kv head, key) rows with index_add
-    (a GQA kv head sums the gradients of its query-head group)."""
+    (a GQA kv head sums the gradients of its query-head group). `out` is part of the shared signature
+    (the Triton backward computes delta from it); the reference computes delta from P and dP instead."""
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     L = idx.shape[3]
@@ -306,15 +313,18 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         lse_c = torch.logsumexp(s, dim=-1) if cdt == torch.float64 else lse[:, :, i0:i1].to(cdt)
         p = _softmax_from_lse(s, lse_c)
         do = dout[:, :, i0:i1].to(cdt)  # [B, H, c, Dv]
-        delta = (do * out[:, :, i0:i1].to(cdt)).sum(-1, keepdim=True)  # [B, H, c, 1]
         vg = vf.index_select(0, rows).reshape(b, h, c, L, dv).to(cdt)
-        dp = torch.matmul(vg, do[..., None]).squeeze(-1)  # [B, H, c, L] = dout . v_j
+        dp = torch.einsum("bhcld,bhcd->bhcl", vg, do)  # [B, H, c, L] = dout . v_j
         pd = p
         if keep is not None:
             kscale = keep[:, :, i0:i1].to(cdt) / (1.0 - dropout_p)
             dp, pd = dp * kscale, p * kscale
+        # delta = rowsum(dout * out) = sum_l P_l dP_l. We use the right-hand form: the same number in exact
+        # arithmetic, but built from the same dP it is subtracted from (so e.g. a single kept key gives dS = 0
+        # exactly) and free of out's rounding to q.dtype (one bf16 ulp of out would reach every gradient).
+        delta = (p * dp).sum(-1, keepdim=True)  # [B, H, c, 1]
         ds = p * (dp - delta)  # [B, H, c, L]; 0 on empty slots since p = 0 there
-        dq[:, :, i0:i1] = (torch.matmul(ds[..., None, :], kg).squeeze(-2) * scale).to(q.dtype)
+        dq[:, :, i0:i1] = (torch.einsum("bhcl,bhcld->bhcd", ds, kg) * scale).to(q.dtype)
         dk.index_add_(0, rows, (ds[..., None] * q_c[..., None, :] * scale).reshape(-1, d))
         dvv.index_add_(0, rows, (pd[..., None] * do[..., None, :]).reshape(-1, dv))
     return dq, dk.reshape(k.shape).to(k.dtype), dvv.reshape(v.shape).to(v.dtype)
