@@ -1,0 +1,539 @@
+"""Routed FFN grouped GEMMs on GPU (Triton), forward and backward, with their launchers.
+
+Rows are the (token, slot) pairs in block-grouped order (routing.routing_prologue): block e owns
+grouped rows offsets[e]:offsets[e+1]; grouped row r is pair p = pair_order[r] of token p // top_k.
+Block e's neurons are block_perm[e*Hb:(e+1)*Hb]; weights stay in the user's layout (strides are
+passed, so w1 may be a transposed view) and are gathered through block_perm inside the kernels.
+
+Row-tiled kernels get a grid of cdiv(P, BLOCK_M) + E row tiles (an upper bound on the sum over blocks
+of cdiv(count_e, BLOCK_M), known without a host sync); `_tile_of` maps a program to (block, first row)
+from the offsets, surplus programs exit at once.
+
+Forward:  _up_kernel       h_pre = x[tok] @ w1[blk]^T + b1 (and h_up), hidden = act(h_pre) (* h_up)
+          _down_kernel     part[p] = hidden[r] @ w2[:, blk]^T          -> [P, d_out] fp32, per pair
+          _pair_sum_kernel y[t] = sum_s part[t*k + s] + b2           (fixed order: deterministic)
+Backward: _dhidden_kernel  dh = dy[tok] @ w2[:, blk], times the activation derivative (and gate)
+          _down_kernel     dx parts = dh_pre @ w1[blk] (+ dh_up @ w_up[blk]); _pair_sum_kernel sums them
+          _dw_in_kernel    dW1[blk] = dh_pre_e^T @ x_e (dW_up too), db1 = row sums; one program per tile
+          _dw_out_kernel   dW2[:, blk] = dy_e^T @ hidden_e (hidden recomputed from h_pre, h_up)
+Per-pair outputs + a fixed-order sum instead of float atomics: results are bitwise reproducible and
+the extra [P, d] fp32 buffer costs far less than the GEMMs. Weight-gradient tiles are owned by one
+program each (a block's rows are reduced in a loop), so no atomics there either; a block no token
+chose runs zero loop iterations and writes zeros.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spt_compile.kernels import _gemm_configs as C
+from spt_compile.kernels.aot import AotSpec, register_aot
+from spt_compile.kernels.autotune import get_config, register_candidates
+from spt_compile.kernels.routing import routing_prologue
+
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+# ----------------------------------------------------------------------------- device helpers
+# The CPU interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.9); under it the
+# operands go up to fp32 first, which is the same math as the GPU's bf16 MMA with fp32 accumulation.
+_UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _tanh(u):
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    """act(h) in fp32; ACT codes as ACTIVATIONS."""
+    if ACT == 0:
+        a = tl.maximum(h, 0.0)
+    elif ACT == 1:
+        a = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        a = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    else:
+        a = h * tl.sigmoid(h)
+    return a
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    """(act(h), act'(h)) in fp32."""
+    if ACT == 0:
+        a = tl.maximum(h, 0.0)
+        d = (h > 0.0).to(tl.float32)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        a = h * cdf
+        d = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        a = 0.5 * h * (1.0 + t)
+        d = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    else:
+        s = tl.sigmoid(h)
+        a = h * s
+        d = s * (1.0 + h * (1.0 - s))
+    return a, d
+
+
+@triton.jit
+def _tile_of(pid, offsets_ptr, NUM_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile `pid` of the block-grouped rows -> (block e, first row, end row of block e).
+
+    e == NUM_BLOCKS for a surplus program (the grid is an upper bound)."""
+    e_idx = tl.arange(0, BLOCK_E)
+    lo = tl.load(offsets_ptr + e_idx, mask=e_idx < NUM_BLOCKS, other=0)
+    hi = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < NUM_BLOCKS, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    e = tl.sum((tile_end <= pid).to(tl.int32), axis=0)
+    sel = e_idx == e
+    first_tile = tl.sum(tl.where(sel, tile_end - tiles, 0), axis=0)
+    row0 = tl.sum(tl.where(sel, lo, 0), axis=0) + (pid - first_tile) * BLOCK_M
+    return e, row0, tl.sum(tl.where(sel, hi, 0), axis=0)
+
+
+# ----------------------------------------------------------------------------- forward kernels
+@triton.jit
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, wu_ptr, bu_ptr, perm_ptr, order_ptr, offsets_ptr,
+               hpre_ptr, hup_ptr, hid_ptr,
+               D, HB, NUM_BLOCKS, TOP_K, stride_xm, stride_xk, stride_w1n, stride_w1k, stride_wun, stride_wuk,
+               ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr, HAS_BU: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+               PREC: tl.constexpr):
+    e, row0, row_end = _tile_of(tl.program_id(0), offsets_ptr, NUM_BLOCKS, BLOCK_M, BLOCK_E)
+    if e >= NUM_BLOCKS:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)                       # grouped rows [BM]
+    rmask = rows < row_end
+    tok = (tl.load(order_ptr + rows, mask=rmask, other=0) // TOP_K).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # neuron slots of block e [BN]
+    cmask = cols < HB
+    neur = tl.load(perm_ptr + e * HB + cols, mask=cmask, other=0).to(tl.int32)  # weight offsets fit int32 (checked)
+    x_rows = x_ptr + tok * stride_xm                           # [BM] pointers (int64 math once)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        a = tl.load(x_rows[:, None] + ks[None, :] * stride_xk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)                 # [BM, BK]
+        wmask = kmask[:, None] & cmask[None, :]
+        w = tl.load(w1_ptr + neur[None, :] * stride_w1n + ks[:, None] * stride_w1k, mask=wmask, other=0.0)
+        acc = _dot(a, w, acc, PREC)                              # [BM, BN]
+        if GATED:
+            wu = tl.load(wu_ptr + neur[None, :] * stride_wun + ks[:, None] * stride_wuk, mask=wmask, other=0.0)
+            acc_u = _dot(a, wu, acc_u, PREC)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + neur, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    out_ty = hpre_ptr.dtype.element_ty
+    offs = rows.to(tl.int64)[:, None] * HB + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(hpre_ptr + offs, acc.to(out_ty), mask=omask)
+    hid = _act(acc, ACT)
+    if GATED:
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + neur, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(hup_ptr + offs, acc_u.to(out_ty), mask=omask)
+        hid = hid * acc_u
+    tl.store(hid_ptr + offs, hid.to(out_ty), mask=omask)
+
+
+@triton.jit
+def _down_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, perm_ptr, order_ptr, offsets_ptr, out_ptr,
+                 N, HB, NUM_BLOCKS, stride_wn, stride_wk, stride_w2n, stride_w2k,
+                 TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+    """out[pair(r), n] = sum_j a[r, j] * w[n, neur_e(j)]  (+ a2 @ w2 when TWO); fp32, one row per pair."""
+    e, row0, row_end = _tile_of(tl.program_id(0), offsets_ptr, NUM_BLOCKS, BLOCK_M, BLOCK_E)
+    if e >= NUM_BLOCKS:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    a_rows = a_ptr + rows.to(tl.int64) * HB                    # [BM] pointers
+    a2_rows = a2_ptr + rows.to(tl.int64) * HB
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HB, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < HB
+        neur = tl.load(perm_ptr + e * HB + ks, mask=kmask, other=0).to(tl.int32)     # [BK]
+        amask = rmask[:, None] & kmask[None, :]
+        wmask = kmask[:, None] & nmask[None, :]
+        a = tl.load(a_rows[:, None] + ks[None, :], mask=amask, other=0.0)              # [BM, BK]
+        w = tl.load(w_ptr + ns[None, :] * stride_wn + neur[:, None] * stride_wk, mask=wmask, other=0.0)
+        acc = _dot(a, w, acc, PREC)
+        if TWO:
+            a2 = tl.load(a2_rows[:, None] + ks[None, :], mask=amask, other=0.0)
+            w2 = tl.load(w2_ptr + ns[None, :] * stride_w2n + neur[:, None] * stride_w2k, mask=wmask, other=0.0)
+            acc = _dot(a2, w2, acc, PREC)
+    tl.store((out_ptr + pair * N)[:, None] + ns[None, :], acc, mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _pair_sum_kernel(part_ptr, bias_ptr, out_ptr, T, N, TOP_K,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = sum_{s < TOP_K} part[t*TOP_K + s] (+ bias), summed in slot order in fp32."""
+    ts = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (ts < T)[:, None] & (ns < N)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(0, TOP_K):
+        acc += tl.load(part_ptr + (ts * TOP_K + s)[:, None] * N + ns[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + ts[:, None] * N + ns[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- backward kernels
+@triton.jit
+def _dhidden_kernel(dy_ptr, w2_ptr, perm_ptr, order_ptr, offsets_ptr, hpre_ptr, hup_ptr, dhpre_ptr, dhup_ptr,
+                    DOUT, HB, NUM_BLOCKS, TOP_K, stride_dym, stride_dyk, stride_w2n, stride_w2h,
+                    ACT: tl.constexpr, GATED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                    PREC: tl.constexpr):
+    """dhidden = dy[tok] @ w2[:, neur_e]; dh_pre = dhidden * act'(h_pre) (* h_up); dh_up = dhidden * act(h_pre)."""
+    e, row0, row_end = _tile_of(tl.program_id(0), offsets_ptr, NUM_BLOCKS, BLOCK_M, BLOCK_E)
+    if e >= NUM_BLOCKS:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    tok = (tl.load(order_ptr + rows, mask=rmask, other=0) // TOP_K).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < HB
+    neur = tl.load(perm_ptr + e * HB + cols, mask=cmask, other=0).to(tl.int32)
+    dy_rows = dy_ptr + tok * stride_dym                        # [BM] pointers
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, DOUT, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < DOUT
+        g = tl.load(dy_rows[:, None] + ks[None, :] * stride_dyk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)                 # [BM, BK]
+        w = tl.load(w2_ptr + ks[:, None] * stride_w2n + neur[None, :] * stride_w2h,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)                 # [BK, BN]
+        acc = _dot(g, w, acc, PREC)
+    offs = rows.to(tl.int64)[:, None] * HB + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    out_ty = dhpre_ptr.dtype.element_ty
+    a, da = _act_grad(tl.load(hpre_ptr + offs, mask=omask, other=0.0).to(tl.float32), ACT)
+    if GATED:
+        u = tl.load(hup_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(dhup_ptr + offs, (acc * a).to(out_ty), mask=omask)
+        acc = acc * u
+    tl.store(dhpre_ptr + offs, (acc * da).to(out_ty), mask=omask)
+
+
+@triton.jit
+def _dw_in_kernel(dh_ptr, dh2_ptr, x_ptr, perm_ptr, order_ptr, offsets_ptr, dw_ptr, dw2_ptr, db_ptr, db2_ptr,
+                  D, HB, TOP_K, stride_xm, stride_xk,
+                  GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_B2: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """dW[neur_e(j), d] = sum_{r in block e} dh[r, j] * x[tok(r), d]; db[neur_e(j)] = sum_r dh[r, j].
+
+    Grid (E, cdiv(HB, BLOCK_M), cdiv(D, BLOCK_N)); dw/dw2 are contiguous [H, D]."""
+    e = tl.program_id(0)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    js = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    jmask = js < HB
+    neur = tl.load(perm_ptr + e * HB + js, mask=jmask, other=0).to(tl.int32)
+    ds = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dmask = ds < D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rs = r0 + tl.arange(0, BLOCK_K)
+        rm = rs < hi
+        tok = (tl.load(order_ptr + rs, mask=rm, other=0) // TOP_K).to(tl.int64)
+        xt = tl.load(x_ptr + tok[:, None] * stride_xm + ds[None, :] * stride_xk,
+                     mask=rm[:, None] & dmask[None, :], other=0.0)                   # [BK, BN]
+        hoffs = rs.to(tl.int64)[None, :] * HB + js[:, None]
+        hmask = jmask[:, None] & rm[None, :]
+        g = tl.load(dh_ptr + hoffs, mask=hmask, other=0.0)                          # dh^T [BM, BK]
+        acc = _dot(g, xt, acc, PREC)
+        if HAS_B:
+            db += tl.sum(g.to(tl.float32), axis=1)
+        if GATED:
+            g2 = tl.load(dh2_ptr + hoffs, mask=hmask, other=0.0)
+            acc2 = _dot(g2, xt, acc2, PREC)
+            if HAS_B2:
+                db2 += tl.sum(g2.to(tl.float32), axis=1)
+    offs = neur[:, None] * D + ds[None, :]
+    omask = jmask[:, None] & dmask[None, :]
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=omask)
+    if GATED:
+        tl.store(dw2_ptr + offs, acc2.to(dw2_ptr.dtype.element_ty), mask=omask)
+    if tl.program_id(2) == 0:  # bias sums are the same in every d tile: one writer
+        if HAS_B:
+            tl.store(db_ptr + neur, db.to(db_ptr.dtype.element_ty), mask=jmask)
+        if HAS_B2:
+            tl.store(db2_ptr + neur, db2.to(db2_ptr.dtype.element_ty), mask=jmask)
+
+
+@triton.jit
+def _dw_out_kernel(dy_ptr, hpre_ptr, hup_ptr, perm_ptr, order_ptr, offsets_ptr, dw_ptr,
+                   DOUT, HB, H, TOP_K, stride_dym, stride_dyk,
+                   ACT: tl.constexpr, GATED: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """dW2[n, neur_e(j)] = sum_{r in block e} dy[tok(r), n] * hidden[r, j], hidden recomputed.
+
+    Grid (E, cdiv(DOUT, BLOCK_M), cdiv(HB, BLOCK_N)); dw is contiguous [DOUT, H]."""
+    e = tl.program_id(0)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    ns = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask = ns < DOUT
+    js = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = js < HB
+    neur = tl.load(perm_ptr + e * HB + js, mask=jmask, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rs = r0 + tl.arange(0, BLOCK_K)
+        rm = rs < hi
+        tok = (tl.load(order_ptr + rs, mask=rm, other=0) // TOP_K).to(tl.int64)
+        g = tl.load(dy_ptr + tok[None, :] * stride_dym + ns[:, None] * stride_dyk,
+                    mask=nmask[:, None] & rm[None, :], other=0.0)                   # dy^T [BM, BK]
+        hoffs = rs.to(tl.int64)[:, None] * HB + js[None, :]
+        hmask = rm[:, None] & jmask[None, :]
+        hid = _act(tl.load(hpre_ptr + hoffs, mask=hmask, other=0.0).to(tl.float32), ACT)  # act(0) == 0
+        if GATED:
+            hid = hid * tl.load(hup_ptr + hoffs, mask=hmask, other=0.0).to(tl.float32)
+        # rounded to the input dtype exactly as the forward's hidden was
+        acc = _dot(g, hid.to(g.dtype), acc, PREC)
+    tl.store(dw_ptr + ns[:, None] * H + neur[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=nmask[:, None] & jmask[None, :])
+
+
+# ----------------------------------------------------------------------------- configs and AOT specs
+_ROW_KERNELS = ("ffn_up", "ffn_down", "ffn_dhidden")
+_WG_KERNELS = ("ffn_dw_in", "ffn_dw_out")
+for _n in _ROW_KERNELS:
+    register_candidates(_n, C.ROW_TILED, lambda cfg, key: C.fits_last_resort(cfg, key, C.ROW_TILED))
+for _n in _WG_KERNELS:
+    register_candidates(_n, C.WEIGHT_GRAD, lambda cfg, key: C.fits_last_resort(cfg, key, C.WEIGHT_GRAD))
+register_candidates("ffn_pair_sum", C.PAIR_SUM, lambda cfg, key: C.fits_last_resort(cfg, key, C.PAIR_SUM))
+
+_AOT_BLOCK_E = 64  # representative: the block-table width only sizes a tiny vector
+
+
+def _prec(dt: str) -> str:
+    return "ieee" if dt == "fp32" else "tf32"  # fp32 matches torch's default (no TF32 matmul)
+
+
+def _aot(name, fn, sig, fixed):
+    """Register `fn`'s AOT spec; every int arg is i32, `sig` maps pointer args to dtype roles."""
+    def signature(dt):
+        roles = {"x": f"*{dt}", "f32": "*fp32", "i32": "*i32", "i64": "*i64", "i": "i32", "c": "constexpr"}
+        return {arg: roles[role] for arg, role in sig}
+
+    def constexprs_for(cfg, dt):
+        return {**dict(cfg.meta), **fixed, **({"PREC": _prec(dt)} if "PREC" in dict(sig) else {})}
+    register_aot(AotSpec(name, fn, signature, constexprs_for))
+
+
+def _args(spec: str) -> list[tuple[str, str]]:
+    return [tuple(a.split(":")) for a in spec.split()]
+
+
+_TILE = "BLOCK_M:c BLOCK_N:c BLOCK_K:c"
+# the heaviest variant of each kernel (gated, biased, gelu_tanh) is the one compiled ahead of time
+_aot("ffn_up", _up_kernel, _args(
+    "x_ptr:x w1_ptr:x b1_ptr:x wu_ptr:x bu_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 hpre_ptr:x "
+    "hup_ptr:x hid_ptr:x D:i HB:i NUM_BLOCKS:i TOP_K:i stride_xm:i stride_xk:i stride_w1n:i stride_w1k:i "
+    f"stride_wun:i stride_wuk:i ACT:c GATED:c HAS_B1:c HAS_BU:c {_TILE} BLOCK_E:c PREC:c"),
+    {"ACT": 2, "GATED": True, "HAS_B1": True, "HAS_BU": True, "BLOCK_E": _AOT_BLOCK_E})
+_aot("ffn_down", _down_kernel, _args(
+    "a_ptr:x w_ptr:x a2_ptr:x w2_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 out_ptr:f32 N:i HB:i "
+    f"NUM_BLOCKS:i stride_wn:i stride_wk:i stride_w2n:i stride_w2k:i TWO:c {_TILE} BLOCK_E:c PREC:c"),
+    {"TWO": True, "BLOCK_E": _AOT_BLOCK_E})
+_aot("ffn_pair_sum", _pair_sum_kernel, _args(
+    "part_ptr:f32 bias_ptr:x out_ptr:x T:i N:i TOP_K:i HAS_BIAS:c BLOCK_M:c BLOCK_N:c"),
+    {"HAS_BIAS": True})
+_aot("ffn_dhidden", _dhidden_kernel, _args(
+    "dy_ptr:x w2_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 hpre_ptr:x hup_ptr:x dhpre_ptr:x dhup_ptr:x "
+    "DOUT:i HB:i NUM_BLOCKS:i TOP_K:i stride_dym:i stride_dyk:i stride_w2n:i stride_w2h:i "
+    f"ACT:c GATED:c {_TILE} BLOCK_E:c PREC:c"),
+    {"ACT": 2, "GATED": True, "BLOCK_E": _AOT_BLOCK_E})
+_aot("ffn_dw_in", _dw_in_kernel, _args(
+    "dh_ptr:x dh2_ptr:x x_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 dw_ptr:x dw2_ptr:x db_ptr:x "
+    f"db2_ptr:x D:i HB:i TOP_K:i stride_xm:i stride_xk:i GATED:c HAS_B:c HAS_B2:c {_TILE} PREC:c"),
+    {"GATED": True, "HAS_B": True, "HAS_B2": True})
+_aot("ffn_dw_out", _dw_out_kernel, _args(
+    "dy_ptr:x hpre_ptr:x hup_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 dw_ptr:x DOUT:i HB:i H:i "
+    f"TOP_K:i stride_dym:i stride_dyk:i ACT:c GATED:c {_TILE} PREC:c"),
+    {"ACT": 2, "GATED": True})
+
+
+# ----------------------------------------------------------------------------- launchers
+def _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation, num_blocks):
+    """Validate the OPS.md routed_ffn stage arguments; returns (T, d, H, Hb, d_out, top_k, gated)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d must be 2-D [T, d], got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in _TL_DTYPE:
+        raise ValueError(f"x2d dtype must be one of {list(_TL_DTYPE)}, got {x2d.dtype}")
+    T, d = x2d.shape
+    if w1.dim() != 2 or w1.shape[1] != d:
+        raise ValueError(f"w1 must be [H, {d}], got {tuple(w1.shape)}")
+    H = w1.shape[0]
+    if num_blocks < 1 or H % num_blocks:
+        raise ValueError(f"num_blocks must divide H={H}, got {num_blocks}")
+    if w2.dim() != 2 or w2.shape[1] != H:
+        raise ValueError(f"w2 must be [d_out, {H}], got {tuple(w2.shape)}")
+    gated = w_up is not None
+    if gated and tuple(w_up.shape) != (H, d):
+        raise ValueError(f"w_up must be [{H}, {d}], got {tuple(w_up.shape)}")
+    if b_up is not None and not gated:
+        raise ValueError("b_up given without w_up")
+    for name, b, n in (("b1", b1, H), ("b_up", b_up, H), ("b2", b2, w2.shape[0])):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name} must be [{n}], got {tuple(b.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w_up", w_up), ("b_up", b_up), ("w2", w2), ("b2", b2)):
+        if t is not None and (t.dtype != x2d.dtype or t.device != x2d.device):
+            raise ValueError(f"{name} must match x2d's dtype and device ({x2d.dtype}, {x2d.device}), "
+                             f"got ({t.dtype}, {t.device})")
+    if block_perm.dtype != torch.int64 or tuple(block_perm.shape) != (H,):
+        raise ValueError(f"block_perm must be int64 [{H}], got {block_perm.dtype} {tuple(block_perm.shape)}")
+    if block_ids.dim() != 2 or block_ids.shape[0] != T or block_ids.dtype != torch.int32:
+        raise ValueError(f"block_ids must be int32 [{T}, top_k], got {block_ids.dtype} {tuple(block_ids.shape)}")
+    top_k = block_ids.shape[1]
+    if not 1 <= top_k <= num_blocks:
+        raise ValueError(f"block_ids: top_k must be in [1, num_blocks={num_blocks}], got {top_k}")
+    return T, d, H, H // num_blocks, w2.shape[0], top_k, gated
+
+
+def _prec_of(dtype: torch.dtype) -> str:
+    # fp32 GEMMs follow torch's matmul TF32 switch (off by default), so errors match torch's own
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _row_grid(P: int, E: int, cfg, n: int) -> tuple[int, int]:
+    # sum_e cdiv(count_e, BM) <= cdiv(P, BM) + E: an upper bound without reading the counts
+    return (triton.cdiv(P, cfg["BLOCK_M"]) + E, triton.cdiv(n, cfg["BLOCK_N"]))
+
+
+def _pair_sum(part: torch.Tensor, bias, T: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T*top_k, N] fp32 per-pair rows -> [T, N] dtype, summed per token in slot order (+ bias)."""
+    N = part.shape[1]
+    out = torch.empty(T, N, dtype=dtype, device=part.device)
+    cfg = get_config("ffn_pair_sum", C.gemm_key(_TL_DTYPE[dtype], T, N, 1))
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _pair_sum_kernel[grid](part, bias if bias is not None else out, out, T, N, top_k,
+                           HAS_BIAS=bias is not None, **cfg.kwargs())
+    return out
+
+
+def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation, num_blocks):
+    """OPS.md stage: -> (y2d [T, d_out], h_pre [T*k, Hb], h_up [T*k, Hb] or [0]), on CUDA via Triton."""
+    T, d, H, Hb, d_out, top_k, gated = _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids,
+                                              activation, num_blocks)
+    E, P, dt, dev = num_blocks, T * top_k, x2d.dtype, x2d.device
+    h_pre = torch.empty(P, Hb, dtype=dt, device=dev)
+    h_up = torch.empty(P if gated else 0, Hb if gated else 0, dtype=dt, device=dev)
+    if gated is False:
+        h_up = torch.empty(0, dtype=dt, device=dev)
+    if P == 0:
+        return torch.zeros(T, d_out, dtype=dt, device=dev), h_pre, h_up
+    order, offsets = routing_prologue(block_ids, E)
+    perm = block_perm.contiguous()
+    hidden = torch.empty(P, Hb, dtype=dt, device=dev)  # act(h_pre) (* h_up), block-grouped
+    tdt, prec, block_e = _TL_DTYPE[dt], _prec_of(dt), max(16, triton.next_power_of_2(E))
+    b1c = b1.contiguous() if b1 is not None else h_pre
+    wu, buc = (w_up, b_up.contiguous() if b_up is not None else h_pre) if gated else (w1, h_pre)
+    cfg = get_config("ffn_up", C.gemm_key(tdt, P // E, Hb, d))
+    _up_kernel[_row_grid(P, E, cfg, Hb)](
+        x2d, w1, b1c, wu, buc, perm, order, offsets, h_pre, h_up if gated else h_pre, hidden,
+        d, Hb, E, top_k, x2d.stride(0), x2d.stride(1), w1.stride(0), w1.stride(1), wu.stride(0), wu.stride(1),
+        ACT=ACTIVATIONS[activation], GATED=gated, HAS_B1=b1 is not None, HAS_BU=b_up is not None,
+        BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+    part = torch.empty(P, d_out, dtype=torch.float32, device=dev)  # per-pair outputs
+    cfg = get_config("ffn_down", C.gemm_key(tdt, P // E, d_out, Hb))
+    _down_kernel[_row_grid(P, E, cfg, d_out)](
+        hidden, w2, hidden, w2, perm, order, offsets, part, d_out, Hb, E,
+        w2.stride(0), w2.stride(1), w2.stride(0), w2.stride(1),
+        TWO=False, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+    y = _pair_sum(part, b2.contiguous() if b2 is not None else None, T, top_k, dt)
+    return y, h_pre, h_up
+
+
+def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
+                        activation, num_blocks):
+    """OPS.md stage: -> (dx, dw1, db1, dw_up, db_up, dw2, db2), None for absent parameters."""
+    T, d, H, Hb, d_out, top_k, gated = _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids,
+                                              activation, num_blocks)
+    E, P, dt, dev = num_blocks, T * top_k, x2d.dtype, x2d.device
+    if tuple(dy2d.shape) != (T, d_out) or dy2d.dtype != dt:
+        raise ValueError(f"dy2d must be {dt} [{T}, {d_out}], got {dy2d.dtype} {tuple(dy2d.shape)}")
+    if tuple(h_pre.shape) != (P, Hb) or (gated and tuple(h_up.shape) != (P, Hb)):
+        raise ValueError(f"h_pre (and h_up when gated) must be [{P}, {Hb}], got {tuple(h_pre.shape)}, "
+                         f"{tuple(h_up.shape) if h_up is not None else None}")
+    h_pre = h_pre.contiguous()
+    h_up = h_up.contiguous() if gated else h_pre
+    dx = torch.zeros(T, d, dtype=dt, device=dev)
+    dw1 = torch.zeros(H, d, dtype=dt, device=dev)
+    dw_up = torch.zeros(H, d, dtype=dt, device=dev) if gated else None
+    dw2 = torch.zeros(d_out, H, dtype=dt, device=dev)
+    db1 = torch.zeros(H, dtype=dt, device=dev) if b1 is not None else None
+    db_up = torch.zeros(H, dtype=dt, device=dev) if b_up is not None else None
+    db2 = dy2d.sum(0, dtype=torch.float32).to(dt) if b2 is not None else None  # deterministic reduction
+    if P == 0:
+        return dx, dw1, db1, dw_up, db_up, dw2, db2
+    order, offsets = routing_prologue(block_ids, E)
+    perm = block_perm.contiguous()
+    tdt, prec, block_e, act = _TL_DTYPE[dt], _prec_of(dt), max(16, triton.next_power_of_2(E)), ACTIVATIONS[activation]
+
+    dh_pre = torch.empty(P, Hb, dtype=dt, device=dev)       # block-grouped, like h_pre
+    dh_up = torch.empty(P, Hb, dtype=dt, device=dev) if gated else dh_pre
+    cfg = get_config("ffn_dhidden", C.gemm_key(tdt, P // E, Hb, d_out))
+    _dhidden_kernel[_row_grid(P, E, cfg, Hb)](
+        dy2d, w2, perm, order, offsets, h_pre, h_up, dh_pre, dh_up, d_out, Hb, E, top_k,
+        dy2d.stride(0), dy2d.stride(1), w2.stride(0), w2.stride(1),
+        ACT=act, GATED=gated, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+
+    part = torch.empty(P, d, dtype=torch.float32, device=dev)  # per-pair dx rows
+    wu = w_up if gated else w1
+    cfg = get_config("ffn_down", C.gemm_key(tdt, P // E, d, Hb))
+    _down_kernel[_row_grid(P, E, cfg, d)](
+        dh_pre, w1, dh_up, wu, perm, order, offsets, part, d, Hb, E,
+        w1.stride(1), w1.stride(0), wu.stride(1), wu.stride(0),
+        TWO=gated, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+    dx = _pair_sum(part, None, T, top_k, dt)
+
+    cfg = get_config("ffn_dw_in", C.gemm_key(tdt, Hb, d, P // E))
+    grid = (E, triton.cdiv(Hb, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
+    _dw_in_kernel[grid](
+        dh_pre, dh_up, x2d, perm, order, offsets, dw1, dw_up if gated else dw1,
+        db1 if db1 is not None else dw1, db_up if db_up is not None else dw1,
+        d, Hb, top_k, x2d.stride(0), x2d.stride(1),
+        GATED=gated, HAS_B=b1 is not None, HAS_B2=b_up is not None, PREC=prec, **cfg.kwargs())
+
+    cfg = get_config("ffn_dw_out", C.gemm_key(tdt, d_out, Hb, P // E))
+    grid = (E, triton.cdiv(d_out, cfg["BLOCK_M"]), triton.cdiv(Hb, cfg["BLOCK_N"]))
+    _dw_out_kernel[grid](
+        dy2d, h_pre, h_up, perm, order, offsets, dw2, d_out, Hb, H, top_k, dy2d.stride(0), dy2d.stride(1),
+        ACT=act, GATED=gated, PREC=prec, **cfg.kwargs())
+    return dx, dw1, db1, dw_up, db_up, dw2, db2
