@@ -75,12 +75,15 @@ def balanced_kmeans(feats: torch.Tensor, num_blocks: int, iters: int = 25) -> to
     cent = _kmeans_pp_init(feats, E, gen)                                      # [E, d]
     assign = None
     for _ in range(iters):
-        dist = torch.cdist(feats, cent) ** 2                                   # [H, E]
+        # squared distances with one GEMM (cdist is far slower on CPU); the ||f||² term is kept because the
+        # balanced assignment compares distances across rows, not just within one
+        dist = (feats * feats).sum(1, keepdim=True) - 2 * feats @ cent.t() + (cent * cent).sum(1)  # [H, E]
         new = balanced_assign(dist, cap)
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
-        cent = torch.zeros_like(cent).index_add_(0, assign, feats) / cap
+        # balanced: sorting by cluster gives E contiguous groups of exactly cap rows
+        cent = feats[torch.sort(assign, stable=True).indices].view(E, cap, -1).mean(1)  # [E, d]
     return assign
 
 
