@@ -16,17 +16,24 @@ from spt_compile.kernels.autotune import KernelConfig
 
 _C = KernelConfig.make
 
-# grouped row-tiled GEMMs: rows of one block x N, reduction over K (forward up/down, dhidden, dx)
+# grouped row-tiled GEMMs: rows of one block x N, reduction over K (forward up/down, dhidden, dx).
+# Larger tiles (64x128, 128x128) spill: each tile's rows and weight columns are gathered, so every
+# element carries its own 64-bit address; 8 warps on 64x64 keep the per-thread share small enough.
 ROW_TILED = [
-    _C(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
-    _C(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
-    _C(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _C(num_warps=8, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _C(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
     _C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
 ]
 # per-block weight gradients: [BLOCK_M, BLOCK_N] output tile, reduction over the block's rows (BLOCK_K)
 WEIGHT_GRAD = [
-    _C(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
-    _C(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _C(num_warps=8, num_stages=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _C(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
+    _C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
+]
+# fp32 (IEEE, no TF32) dots run on FMA units and hold far more registers per tile: sm_80 spills from
+# 32x64 up, so fp32 kernels are registered under their own names with these smaller tiles.
+FP32 = [
+    _C(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
     _C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
 ]
 # the deterministic per-token sum of the top_k pair rows (elementwise, no dot)

@@ -328,11 +328,22 @@ def _dw_out_kernel(dy_ptr, hpre_ptr, hup_ptr, perm_ptr, order_ptr, offsets_ptr, 
 # ----------------------------------------------------------------------------- configs and AOT specs
 _ROW_KERNELS = ("ffn_up", "ffn_down", "ffn_dhidden")
 _WG_KERNELS = ("ffn_dw_in", "ffn_dw_out")
-for _n in _ROW_KERNELS:
-    register_candidates(_n, C.ROW_TILED, lambda cfg, key: C.fits_last_resort(cfg, key, C.ROW_TILED))
-for _n in _WG_KERNELS:
-    register_candidates(_n, C.WEIGHT_GRAD, lambda cfg, key: C.fits_last_resort(cfg, key, C.WEIGHT_GRAD))
-register_candidates("ffn_pair_sum", C.PAIR_SUM, lambda cfg, key: C.fits_last_resort(cfg, key, C.PAIR_SUM))
+
+
+def _fits_in(cands):
+    return lambda cfg, key: C.fits_last_resort(cfg, key, cands)
+
+
+for _n in _ROW_KERNELS + _WG_KERNELS:
+    _c = C.ROW_TILED if _n in _ROW_KERNELS else C.WEIGHT_GRAD
+    register_candidates(_n, _c, _fits_in(_c))
+    register_candidates(_n + "_fp32", C.FP32, _fits_in(C.FP32))  # see _gemm_configs.FP32
+register_candidates("ffn_pair_sum", C.PAIR_SUM, _fits_in(C.PAIR_SUM))
+
+
+def _kname(base: str, dtype: torch.dtype) -> str:
+    return base + "_fp32" if dtype == torch.float32 else base
+
 
 _AOT_BLOCK_E = 64  # representative: the block-table width only sizes a tiny vector
 
@@ -342,14 +353,19 @@ def _prec(dt: str) -> str:
 
 
 def _aot(name, fn, sig, fixed):
-    """Register `fn`'s AOT spec; every int arg is i32, `sig` maps pointer args to dtype roles."""
+    """Register `fn`'s AOT specs (half types under `name`, fp32 under name_fp32 with its own configs);
+    every int arg is i32, `sig` maps pointer args to dtype roles."""
     def signature(dt):
         roles = {"x": f"*{dt}", "f32": "*fp32", "i32": "*i32", "i64": "*i64", "i": "i32", "c": "constexpr"}
         return {arg: roles[role] for arg, role in sig}
 
     def constexprs_for(cfg, dt):
         return {**dict(cfg.meta), **fixed, **({"PREC": _prec(dt)} if "PREC" in dict(sig) else {})}
-    register_aot(AotSpec(name, fn, signature, constexprs_for))
+    if name == "ffn_pair_sum":
+        register_aot(AotSpec(name, fn, signature, constexprs_for))
+    else:
+        register_aot(AotSpec(name, fn, signature, constexprs_for, dtypes=("bf16", "fp16")))
+        register_aot(AotSpec(name + "_fp32", fn, signature, constexprs_for, dtypes=("fp32",)))
 
 
 def _args(spec: str) -> list[tuple[str, str]]:
@@ -418,6 +434,8 @@ def _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation, n
         raise ValueError(f"block_perm must be int64 [{H}], got {block_perm.dtype} {tuple(block_perm.shape)}")
     if block_ids.dim() != 2 or block_ids.shape[0] != T or block_ids.dtype != torch.int32:
         raise ValueError(f"block_ids must be int32 [{T}, top_k], got {block_ids.dtype} {tuple(block_ids.shape)}")
+    if max(H * d, w2.shape[0] * H) >= 2 ** 31:
+        raise ValueError(f"w1/w2 too large for the kernels' int32 weight offsets: H={H}, d={d}, d_out={w2.shape[0]}")
     top_k = block_ids.shape[1]
     if not 1 <= top_k <= num_blocks:
         raise ValueError(f"block_ids: top_k must be in [1, num_blocks={num_blocks}], got {top_k}")
@@ -464,14 +482,14 @@ def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, a
     tdt, prec, block_e = _TL_DTYPE[dt], _prec_of(dt), max(16, triton.next_power_of_2(E))
     b1c = b1.contiguous() if b1 is not None else h_pre
     wu, buc = (w_up, b_up.contiguous() if b_up is not None else h_pre) if gated else (w1, h_pre)
-    cfg = get_config("ffn_up", C.gemm_key(tdt, P // E, Hb, d))
+    cfg = get_config(_kname("ffn_up", dt), C.gemm_key(tdt, P // E, Hb, d))
     _up_kernel[_row_grid(P, E, cfg, Hb)](
         x2d, w1, b1c, wu, buc, perm, order, offsets, h_pre, h_up if gated else h_pre, hidden,
         d, Hb, E, top_k, x2d.stride(0), x2d.stride(1), w1.stride(0), w1.stride(1), wu.stride(0), wu.stride(1),
         ACT=ACTIVATIONS[activation], GATED=gated, HAS_B1=b1 is not None, HAS_BU=b_up is not None,
         BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
     part = torch.empty(P, d_out, dtype=torch.float32, device=dev)  # per-pair outputs
-    cfg = get_config("ffn_down", C.gemm_key(tdt, P // E, d_out, Hb))
+    cfg = get_config(_kname("ffn_down", dt), C.gemm_key(tdt, P // E, d_out, Hb))
     _down_kernel[_row_grid(P, E, cfg, d_out)](
         hidden, w2, hidden, w2, perm, order, offsets, part, d_out, Hb, E,
         w2.stride(0), w2.stride(1), w2.stride(0), w2.stride(1),
@@ -508,7 +526,7 @@ def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block
 
     dh_pre = torch.empty(P, Hb, dtype=dt, device=dev)       # block-grouped, like h_pre
     dh_up = torch.empty(P, Hb, dtype=dt, device=dev) if gated else dh_pre
-    cfg = get_config("ffn_dhidden", C.gemm_key(tdt, P // E, Hb, d_out))
+    cfg = get_config(_kname("ffn_dhidden", dt), C.gemm_key(tdt, P // E, Hb, d_out))
     _dhidden_kernel[_row_grid(P, E, cfg, Hb)](
         dy2d, w2, perm, order, offsets, h_pre, h_up, dh_pre, dh_up, d_out, Hb, E, top_k,
         dy2d.stride(0), dy2d.stride(1), w2.stride(0), w2.stride(1),
@@ -516,14 +534,14 @@ def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block
 
     part = torch.empty(P, d, dtype=torch.float32, device=dev)  # per-pair dx rows
     wu = w_up if gated else w1
-    cfg = get_config("ffn_down", C.gemm_key(tdt, P // E, d, Hb))
+    cfg = get_config(_kname("ffn_down", dt), C.gemm_key(tdt, P // E, d, Hb))
     _down_kernel[_row_grid(P, E, cfg, d)](
         dh_pre, w1, dh_up, wu, perm, order, offsets, part, d, Hb, E,
         w1.stride(1), w1.stride(0), wu.stride(1), wu.stride(0),
         TWO=gated, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
     dx = _pair_sum(part, None, T, top_k, dt)
 
-    cfg = get_config("ffn_dw_in", C.gemm_key(tdt, Hb, d, P // E))
+    cfg = get_config(_kname("ffn_dw_in", dt), C.gemm_key(tdt, Hb, d, P // E))
     grid = (E, triton.cdiv(Hb, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
     _dw_in_kernel[grid](
         dh_pre, dh_up, x2d, perm, order, offsets, dw1, dw_up if gated else dw1,
@@ -531,7 +549,7 @@ def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block
         d, Hb, top_k, x2d.stride(0), x2d.stride(1),
         GATED=gated, HAS_B=b1 is not None, HAS_B2=b_up is not None, PREC=prec, **cfg.kwargs())
 
-    cfg = get_config("ffn_dw_out", C.gemm_key(tdt, d_out, Hb, P // E))
+    cfg = get_config(_kname("ffn_dw_out", dt), C.gemm_key(tdt, d_out, Hb, P // E))
     grid = (E, triton.cdiv(d_out, cfg["BLOCK_M"]), triton.cdiv(Hb, cfg["BLOCK_N"]))
     _dw_out_kernel[grid](
         dy2d, h_pre, h_up, perm, order, offsets, dw2, d_out, Hb, H, top_k, dy2d.stride(0), dy2d.stride(1),
