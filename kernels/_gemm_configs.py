@@ -36,6 +36,11 @@ FP32 = [
     _C(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
     _C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
 ]
+# fp32 weight gradients: 32x32 at 4 warps spills 8 bytes on sm_80 (dW1 with dW_up); 8 warps do not
+FP32_WG = [
+    _C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16),
+    _C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
+]
 # the deterministic per-token sum of the top_k pair rows (elementwise, no dot)
 PAIR_SUM = [
     _C(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=256),

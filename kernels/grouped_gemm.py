@@ -337,7 +337,8 @@ def _fits_in(cands):
 for _n in _ROW_KERNELS + _WG_KERNELS:
     _c = C.ROW_TILED if _n in _ROW_KERNELS else C.WEIGHT_GRAD
     register_candidates(_n, _c, _fits_in(_c))
-    register_candidates(_n + "_fp32", C.FP32, _fits_in(C.FP32))  # see _gemm_configs.FP32
+    _f = C.FP32 if _n in _ROW_KERNELS else C.FP32_WG
+    register_candidates(_n + "_fp32", _f, _fits_in(_f))  # see _gemm_configs.FP32
 register_candidates("ffn_pair_sum", C.PAIR_SUM, _fits_in(C.PAIR_SUM))
 
 
