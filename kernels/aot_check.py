@@ -276,7 +276,7 @@ def _coordinator(jobs: list[AotJob], out_path: str, setup: list[str], workers: i
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    # Under `python -m` this module is __main__: hand the pool the importable module's functions.
+    # Under `python -m` this module is __main__: hand the pool the importable module's function.
     from spt_compile.kernels import aot_check as this
 
     _run_setup(setup)  # import errors surface here, once, with a clear traceback
@@ -288,9 +288,9 @@ def _coordinator(jobs: list[AotJob], out_path: str, setup: list[str], workers: i
             for j in jobs:
                 emit(check_job(j, specialize).to_json())
             return
-        # spawn, not fork: each worker builds its own MLIR / LLVM state
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                    initializer=this._run_setup, initargs=(setup,)) as pool:
+        # fork: workers inherit the imported kernels (re-importing torch + triton per worker costs seconds).
+        # Safe here: nothing has been compiled in this process yet, so no MLIR / LLVM state is shared.
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             futs = {pool.submit(this._worker_check, dataclasses.asdict(j), specialize): j for j in jobs}
             for f in cf.as_completed(futs):
                 try:
