@@ -55,7 +55,10 @@ def mask_as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         bias.masked_fill_(~mask, float("-inf"))
     elif mask.dtype.is_floating_point:
-        bias = mask.to(torch.float32)
+        # a finite bias stays finite (= allowed) in fp32, e.g. an fp64 finfo.min padding bias, as the reference
+        fin = torch.finfo(torch.float32)
+        bias = torch.where(torch.isfinite(mask), mask.to(torch.float32).clamp(fin.min, fin.max),
+                           mask.to(torch.float32))
     else:
         raise ValueError(f"mask must be bool or floating, got {mask.dtype}")
     bias = bias.expand(shape)  # [B, H, Nq, Nk], stride 0 on broadcast dims

@@ -31,7 +31,7 @@ import triton.language as tl
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import (_gather_scores, aot_block_d, check_attention_args,
-                                               seed_tensor)
+                                               per_thread, seed_tensor)
 
 KERNEL_DQ = "attention_bwd_dq"
 KERNEL_DKV = "attention_bwd_dkv"
@@ -181,20 +181,25 @@ def _bwd_dkv_kernel(
     tl.store(dv_ptr + g * DV + offs_dv, dv.to(dv_ptr.dtype.element_ty), mask=dv_ok)
 
 
+# fp32 values per thread per gathered tile. Half the forward's: the backward keeps two gathered
+# tiles plus two [BD] accumulators (or the atomic operands) live, and at 32 it spilled on sm_80/sm_90.
+BUDGET = 16
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple, block: str) -> bool:
-    # key = (BLOCK_D, BLOCK_DV, dtype name): two gathered [B*, BD] tiles stay <= 8K fp32 values each
-    return cfg[block] * max(key[0], key[1]) <= 8192
+    # key = (BLOCK_D, BLOCK_DV, dtype name)
+    return per_thread(cfg, block, max(key[0], key[1])) <= BUDGET
 
 
 autotune.register_candidates(KERNEL_DQ, [
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=64),
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=32),
-    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=16),
+    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=16),
+    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=32),
+    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=8),
 ], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_L"))
 autotune.register_candidates(KERNEL_DKV, [
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_P=64),
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_P=32),
-    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_P=16),
+    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_P=16),
+    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_P=32),
+    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_P=8),
 ], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_P"))
 
 
@@ -227,13 +232,13 @@ def _aot_sig_dkv(dt: str) -> dict:
 
 
 def _aot_cx_dq(cfg: autotune.KernelConfig, dt: str) -> dict:
-    bd = aot_block_d(cfg, "BLOCK_L")
+    bd = aot_block_d(cfg, "BLOCK_L", BUDGET)
     return {"HAS_MASK": True, "IS_CAUSAL": True, "DROPOUT": True, "ATOMIC": True,
             "BLOCK_L": cfg["BLOCK_L"], "BLOCK_D": bd, "BLOCK_DV": bd}
 
 
 def _aot_cx_dkv(cfg: autotune.KernelConfig, dt: str) -> dict:
-    bd = aot_block_d(cfg, "BLOCK_P")
+    bd = aot_block_d(cfg, "BLOCK_P", BUDGET)
     return {"HAS_MASK": True, "IS_CAUSAL": True, "DROPOUT": True,
             "BLOCK_P": cfg["BLOCK_P"], "BLOCK_D": bd, "BLOCK_DV": bd}
 

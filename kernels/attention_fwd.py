@@ -106,22 +106,28 @@ def _fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
 
+def per_thread(cfg: autotune.KernelConfig, block: str, bd: int) -> int:
+    """fp32 values per thread of one gathered [block, bd] tile: the register budget we bound."""
+    return cfg[block] * bd // (32 * cfg.num_warps)
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
-    # key = (BLOCK_D, BLOCK_DV, dtype name): k and v chunks [BL, BD] each stay <= 8K fp32 values
-    return cfg["BLOCK_L"] * max(key[0], key[1]) <= 8192
+    # key = (BLOCK_D, BLOCK_DV, dtype name). The k and v chunks are live together (plus the next
+    # chunk's prefetch): at > 32 fp32 values per thread per tile, D = 128 spilled on sm_80/sm_90.
+    return per_thread(cfg, "BLOCK_L", max(key[0], key[1])) <= 32
 
 
 CANDIDATES = [
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=64),
     autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=32),
+    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=64),
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=16),
 ]
 autotune.register_candidates(KERNEL, CANDIDATES, fits=_fits)
 
 
-def aot_block_d(cfg: autotune.KernelConfig, name: str = "BLOCK_L") -> int:
-    """The largest head dim (<= 128) that `_fits` admits for a config: what the AOT test compiles."""
-    return min(128, 8192 // cfg[name])
+def aot_block_d(cfg: autotune.KernelConfig, name: str = "BLOCK_L", budget: int = 32) -> int:
+    """The largest head dim (<= 128) a per-thread `budget` admits for a config: what AOT compiles."""
+    return min(128, budget * 32 * cfg.num_warps // cfg[name])
 
 
 def _aot_signature(dt: str) -> dict:

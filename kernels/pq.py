@@ -53,9 +53,10 @@ def _pq_assign_kernel(
         c_ok = offs_c < C
         cb = tl.load(cb_base + offs_c[:, None] * DS + offs_d[None, :],
                      mask=c_ok[:, None] & d_ok[None, :], other=0.0)               # [BC, BDS]
-        # exact squared distance (not |x|^2 - 2x.c + |c|^2) so near-ties resolve like the reference
-        diff = x[:, None, :] - cb[None, :, :]                                      # [BN, BC, BDS]
-        dist = tl.sum(diff * diff, axis=2)                                         # [BN, BC]
+        # |c|^2 - 2 x.c: the reference's formula (|x|^2 is the same for every c), so near-ties
+        # round the same way; dsub is often < 16, too narrow for tl.dot, hence a broadcast-sum
+        xc = tl.sum(x[:, None, :] * cb[None, :, :], axis=2)                        # [BN, BC]
+        dist = tl.sum(cb * cb, axis=1)[None, :] - 2.0 * xc                         # [BN, BC]
         dist = tl.where(c_ok[None, :], dist, float("inf"))
         cmin = tl.min(dist, axis=1)                                                # [BN]
         carg = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int32) + c0
@@ -69,19 +70,18 @@ def _pq_assign_kernel(
 
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
     # key = (dsub, C, dtype_name)
+    # the [BN, BC, BDS] product is the live tensor: <= 64 fp32 values per thread (no spills)
     dsub = key[0]
-    return cfg["BLOCK_N"] * cfg["BLOCK_C"] * next_power_of_2(max(dsub, 1)) <= 16384
+    elems = cfg["BLOCK_N"] * cfg["BLOCK_C"] * next_power_of_2(max(dsub, 1))
+    return elems <= 64 * 32 * cfg.num_warps
 
 
 autotune.register_candidates(KERNEL, [
-    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=64, BLOCK_C=16),
-    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=32, BLOCK_C=16),
-    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=16, BLOCK_C=16),
-    autotune.KernelConfig.make(num_warps=2, num_stages=1, BLOCK_N=16, BLOCK_C=8),
+    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=64, BLOCK_C=16),  # dsub <= 8
+    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=32, BLOCK_C=16),  # dsub <= 16
+    autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=16, BLOCK_C=8),   # dsub <= 64
+    autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_N=16, BLOCK_C=8),   # dsub <= 128
 ], fits=_fits)
-
-# AOT: compiled at the largest subspace width the fits() predicate admits per config.
-_AOT_DS = {64: 16, 32: 32, 16: 64}
 
 
 def _aot_signature(dt: str) -> dict:
@@ -92,8 +92,9 @@ def _aot_signature(dt: str) -> dict:
 
 
 def _aot_constexprs(cfg: autotune.KernelConfig, dt: str) -> dict:
-    ds = 16384 // (cfg["BLOCK_N"] * cfg["BLOCK_C"])
-    return {"M": 8, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_DS": min(ds, 64)}
+    # compiled at the widest subspace the fits() predicate admits for the config
+    ds = 64 * 32 * cfg.num_warps // (cfg["BLOCK_N"] * cfg["BLOCK_C"])
+    return {"M": 8, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_DS": min(ds, 128)}
 
 
 aot.register_aot(aot.AotSpec(KERNEL, _pq_assign_kernel, _aot_signature, _aot_constexprs))
@@ -117,10 +118,10 @@ def pq_assign(k: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 
 
 def init_codebooks(ks: torch.Tensor, centroids: int) -> torch.Tensor:
-    """Initial centroids: C keys evenly spaced along the sequence (deterministic, no RNG).
+    """Initial centroids: the keys at positions (c * Nk) // C, as the reference (repeats if C > Nk).
     ks [B, Hkv, Nk, M, DS] fp32 -> [B, Hkv, M, C, DS]."""
     Nk = ks.shape[2]
-    pos = torch.linspace(0, Nk - 1, centroids, device=ks.device).round().long()  # [C]
+    pos = (torch.arange(centroids, device=ks.device) * Nk) // centroids  # [C]
     return ks[:, :, pos].permute(0, 1, 3, 2, 4).contiguous()
 
 
