@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -323,11 +324,21 @@ def run_isolated(jobs: list[AotJob], setup: list[str] = (), workers: int | None 
                "--workers", str(workers)] + [a for s in setup for a in ("--setup", s)]
         if not specialize:
             cmd.append("--no-specialize")
-        try:
-            proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-            why = f"checker process exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
-        except subprocess.TimeoutExpired as e:
-            why = f"checker process timed out after {timeout}s:\n{(e.stderr or b'')[-3000:]!r}"
+        # Own session, so a timeout can end the pool workers too, not just the coordinator.
+        with open(os.path.join(tmp, "stderr.txt"), "w+") as err:
+            proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+                why = f"checker process exited with {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                why = f"checker process timed out after {timeout} s"
+            finally:  # also on KeyboardInterrupt: leave no compiler running
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            err.seek(0)
+            why += ":\n" + err.read()[-3000:]
         results = {}
         if os.path.exists(out_path):
             with open(out_path) as f:
