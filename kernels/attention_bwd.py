@@ -4,7 +4,7 @@ sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, 
     -> (dq, dk, dv)
 
 With P_ij = exp(s_ij - lse_i) recomputed from lse, Z_ij the replayed dropout mask (scaled by
-1/(1-p)), delta_i = dout_i . out_i:
+1/(1-p)), delta_i = sum_j P_ij dP_ij (= dout_i . out_i, but in fp32 over the kept keys):
     dP_ij = Z_ij * dout_i . v_j,   dS_ij = P_ij (dP_ij - delta_i)
     dq_i = scale * sum_j dS_ij k_j,   dk_j = scale * sum_i dS_ij q_i,   dv_j = sum_i P_ij Z_ij dout_i
 (GQA: dk/dv of a kv head sum over the query heads of its group.)
@@ -71,7 +71,6 @@ def _bwd_dq_kernel(
                  mask=dv_ok, other=0.0).to(tl.float32)                       # [BDV]
     lse = tl.load(lse_ptr + row)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a row has no allowed key: every p is 0
-    delta = tl.load(delta_ptr + row)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_row = bias_ptr + b * stride_mb + h * stride_mh + i * stride_mi
@@ -80,7 +79,25 @@ def _bwd_dq_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
-    dq = tl.zeros([BLOCK_D], tl.float32)
+    if ATOMIC:
+        # dK/dV atomics need dS_ij = P_ij (dP_ij - delta_i) per slot, so delta comes first (own pass)
+        delta = 0.0
+        for l0 in range(0, L, BLOCK_L):
+            j, ok, jj, kt, s = _gather_scores(q, k_base, bias_row, idx_row, l0, i, Nk, L, scale,
+                                              stride_kn, stride_kd, stride_mj, offs_l, offs_d, D,
+                                              HAS_MASK, IS_CAUSAL)
+            p = tl.where(ok, tl.exp(s - lse), 0.0)
+            vt = tl.load(v_base + jj[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                         mask=ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            dp = tl.sum(do[None, :] * vt, axis=1)
+            if DROPOUT:
+                r = tl.rand(seed, row * L + l0 + offs_l)
+                dp = tl.where(r >= dropout_p, dp / (1.0 - dropout_p), 0.0)
+            delta += tl.sum(p * dp, axis=0)
+    # one pass: dq_i = scale * (sum_j P dP k_j - delta_i * sum_j P k_j), delta_i = sum_j P dP
+    pdpk = tl.zeros([BLOCK_D], tl.float32)
+    pk = tl.zeros([BLOCK_D], tl.float32)
+    pdp = 0.0
     for l0 in range(0, L, BLOCK_L):
         j, ok, jj, kt, s = _gather_scores(q, k_base, bias_row, idx_row, l0, i, Nk, L, scale,
                                           stride_kn, stride_kd, stride_mj, offs_l, offs_d, D,
@@ -95,14 +112,18 @@ def _bwd_dq_kernel(
             zs = tl.where(r >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
             dp = dp * zs
             pz = p * zs
-        ds = p * (dp - delta)                                               # [BL]
-        dq += tl.sum(ds[:, None] * kt, axis=0)
+        pdpk += tl.sum((p * dp)[:, None] * kt, axis=0)
+        pk += tl.sum(p[:, None] * kt, axis=0)
+        pdp += tl.sum(p * dp, axis=0)
         if ATOMIC:
+            ds = p * (dp - delta)                                           # [BL]
             rows = kv_row0 + jj
             tl.atomic_add(dk_acc_ptr + rows[:, None] * D + offs_d[None, :],
                           (scale * ds)[:, None] * q[None, :], mask=ok[:, None] & d_ok[None, :])
             tl.atomic_add(dv_acc_ptr + rows[:, None] * DV + offs_dv[None, :],
                           pz[:, None] * do[None, :], mask=ok[:, None] & dv_ok[None, :])
+    dq = pdpk - pdp * pk
+    tl.store(delta_ptr + row, pdp)  # for the dK/dV kernel
     tl.store(dq_ptr + row * D + offs_d, (dq * scale).to(dq_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -285,8 +306,10 @@ def sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, sca
     bias, ms = mask_as_bias(mask, (B, H, Nq, Nk))
     idx = idx.to(torch.int32).contiguous()
     lse = lse.to(torch.float32).contiguous()
-    # delta_i = dout_i . out_i: one fused elementwise-reduce; a kernel would do the same loads
-    delta = (dout.float() * out.float()).sum(-1).contiguous()              # [B, H, Nq]
+    # delta_i = sum_j P_ij dP_ij, written by the dQ kernel: computed in fp32 from the kept keys it
+    # equals dout_i . out_i without the rounding of out to q.dtype (which, for bf16, made dq/dk several
+    # times less accurate than torch's own bf16 autograd)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dropout = float(dropout_p) > 0
     seed_t = seed_tensor(seed, q.device) if dropout else lse
     bias_t = bias if bias is not None else lse
