@@ -119,8 +119,12 @@ def main(argv=None):
             f"(included). Time: median of {args.reps} after 1 warmup, as a ratio to SDPA in the same run "
             f"(>1 = slower). Peak memory: {how}, above the inputs.\n\n{table}\n")
     if not cuda:
-        body += ("\nOn CPU the op runs the plain-PyTorch reference (gathers of k/v rows per query, chunked over "
-                 "queries): it is the semantics, not a fast path; SDPA uses PyTorch's fused CPU kernel.\n")
+        body += ("\nOn CPU the op runs the plain-PyTorch reference: PQ k-means, a top-L over PQ scores of every "
+                 "key, and attention whose kept-slot weights are summed onto keys in [chunk, N] tiles for GEMMs, "
+                 "chunked over queries. It is the semantics and a working CPU path, not a fast one: it does the "
+                 "dense FLOPs plus selection, so it cannot beat SDPA's fused CPU kernel; it bounds transient memory "
+                 "by the tile size (peak spt), not by N^2 (peak eager). On a shared 2-core machine the small-N "
+                 "ratios are noisy.\n")
     print(body)
     print("wrote", write_result("attention", body))
 

@@ -202,9 +202,9 @@ def allowed_indices(mask: Tensor | None, is_causal: bool, shape: tuple[int, int,
         if allowed is None:
             idx[:, :, i0:i1] = torch.arange(nk, dtype=torch.int32, device=device)
             continue
-        blocked = (~allowed).expand(b, h, i1 - i0, nk).to(torch.int8)
-        flag, order = torch.sort(blocked, dim=-1, stable=True)  # allowed keys first, in key order
-        idx[:, :, i0:i1] = torch.where(flag == 0, order, -1).to(torch.int32)
+        valid = allowed.expand(b, h, i1 - i0, nk)
+        keys = torch.arange(nk, device=device).expand(b, h, i1 - i0, nk)
+        idx[:, :, i0:i1] = _valid_first(torch.where(valid, keys, -1), valid).to(torch.int32)
     return idx
 
 
