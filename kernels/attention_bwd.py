@@ -202,26 +202,28 @@ def _bwd_dkv_kernel(
     tl.store(dv_ptr + g * DV + offs_dv, dv.to(dv_ptr.dtype.element_ty), mask=dv_ok)
 
 
-# fp32 values per thread per gathered tile. Half the forward's: the backward keeps two gathered
-# tiles plus two [BD] accumulators (or the atomic operands) live, and at 32 it spilled on sm_80/sm_90.
-BUDGET = 16
+# fp32 values per thread per gathered tile, per kernel. Below the forward's 32: the dK/dV kernel keeps
+# two gathered tiles plus two [BD] accumulators live (spilled at 32 on sm_80/sm_90); the dQ kernel
+# also carries three accumulators and the atomic operands (8 B of stack at 16 on sm_80).
+BUDGET_DQ = 8
+BUDGET_DKV = 16
 
 
-def _fits(cfg: autotune.KernelConfig, key: tuple, block: str) -> bool:
+def _fits(cfg: autotune.KernelConfig, key: tuple, block: str, budget: int) -> bool:
     # key = (BLOCK_D, BLOCK_DV, dtype name)
-    return per_thread(cfg, block, max(key[0], key[1])) <= BUDGET
+    return per_thread(cfg, block, max(key[0], key[1])) <= budget
 
 
 autotune.register_candidates(KERNEL_DQ, [
-    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=16),
-    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=32),
-    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=8),
-], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_L"))
+    autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=8),
+    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=16),
+    autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=4),
+], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_L", BUDGET_DQ))
 autotune.register_candidates(KERNEL_DKV, [
     autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_P=16),
     autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_P=32),
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_P=8),
-], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_P"))
+], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_P", BUDGET_DKV))
 
 
 def _sig_common(dt: str) -> dict:
@@ -253,13 +255,13 @@ def _aot_sig_dkv(dt: str) -> dict:
 
 
 def _aot_cx_dq(cfg: autotune.KernelConfig, dt: str) -> dict:
-    bd = aot_block_d(cfg, "BLOCK_L", BUDGET)
+    bd = aot_block_d(cfg, "BLOCK_L", BUDGET_DQ)
     return {"HAS_MASK": True, "IS_CAUSAL": True, "DROPOUT": True, "ATOMIC": True,
             "BLOCK_L": cfg["BLOCK_L"], "BLOCK_D": bd, "BLOCK_DV": bd}
 
 
 def _aot_cx_dkv(cfg: autotune.KernelConfig, dt: str) -> dict:
-    bd = aot_block_d(cfg, "BLOCK_P", BUDGET)
+    bd = aot_block_d(cfg, "BLOCK_P", BUDGET_DKV)
     return {"HAS_MASK": True, "IS_CAUSAL": True, "DROPOUT": True,
             "BLOCK_P": cfg["BLOCK_P"], "BLOCK_D": bd, "BLOCK_DV": bd}
 
