@@ -153,7 +153,7 @@ def _topk_kernel(
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
     # key = (BLOCK_D, dtype name). The q tile, k_hat tile, the [BM, BN] keys and the 16 unrolled
     # threshold counts are live together; these configs compile spill-free for sm_80/sm_90 up to
-    # BLOCK_D = 128 (64x64 on 4 or 8 warps and 16x16 or 16x32 on 4 warps spilled), so head dims > 128
+    # BLOCK_D = 128 (64x64 on 4 or 8 warps, 16x16 on 2 or 4 warps, 16x32 on 4 warps spilled), so head dims > 128
     # are refused.
     return key[0] <= 128
 
@@ -161,7 +161,7 @@ def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
 autotune.register_candidates(KERNEL, [
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=32),
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=16, BLOCK_N=32),
-    autotune.KernelConfig.make(num_warps=2, num_stages=1, BLOCK_M=16, BLOCK_N=16),
+    autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=16),
 ], fits=_fits)
 
 
