@@ -2,18 +2,23 @@
 
 Shapes: GPT-2-small (768→3072, gelu_tanh), GPT-2-medium (1024→4096, gelu_tanh), LLaMA-style SwiGLU
 (2048→5632, silu, gated), 4096 tokens, E = 16 blocks, lowrank router (rank 32, its cost included).
-Dense baseline: plain torch Linear→act→Linear in the same process (and torch.compile'd with the default
-backend unless --no-compile). fp32 on CPU, bf16 on CUDA. TFLOP/s counts the FLOPs of the active blocks
-(density × dense GEMM FLOPs, forward + backward = 3 × forward); the router's small GEMMs are not counted.
+Dense baseline: the plain eager Linear→act→Linear (SwiGLU: silu(gate)·up→down) forward + backward through
+autograd, in the same process; also the same function torch.compile'd with the default (inductor) backend
+unless --no-compile. All variants are timed round-robin (shared machines drift), median of --reps steps;
+the 1-minute load average is written next to the table. fp32 on CPU, bf16 on CUDA. TFLOP/s counts the FLOPs
+of the active blocks (density × dense GEMM FLOPs, forward + backward = 3 × forward); the router's small GEMMs
+are not counted.
 
-    python bench/ffn.py [--tokens 4096] [--reps 3] [--no-compile] [--quick]
+    python bench/ffn.py [--tokens 4096] [--reps 5] [--no-compile] [--quick]
 Writes bench/results/ffn-<machine>.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -62,7 +67,20 @@ def step(fn, x, dy, params):
     fn().backward(dy)
 
 
-def bench_shape(name, d, H, activation, gated, tokens, reps, use_compile, device, dtype):
+def interleaved_medians(fns: dict, reps: int, device) -> dict:
+    """Median seconds per variant, timing the variants round-robin (one call of each per round, after one
+    untimed warm-up call each): on a shared machine the load drifts over minutes, and interleaving makes
+    every variant see the same drift, so the ratios stay meaningful even when absolute times do not."""
+    for fn in fns.values():
+        time_fn(fn, warmup=0, reps=1, device=device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, warmup=0, reps=1, device=device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_shape(name, d, H, activation, gated, tokens, reps, use_compile, device, dtype, loads):
     w1, b1, w_up, w2, b2 = make_params(d, H, gated, device, dtype)
     params = [t for t in (w1, b1, w_up, w2, b2) if t is not None]
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -71,51 +89,75 @@ def bench_shape(name, d, H, activation, gated, tokens, reps, use_compile, device
     n_mats = 3 if gated else 2
     dense_flops = 3 * 2 * tokens * d * H * n_mats  # forward + backward (dX and dW) GEMMs
 
-    t_dense = time_fn(lambda: step(lambda: dense_ffn(x, w1, b1, w_up, w2, b2, activation), x, dy, params),
-                      warmup=1, reps=reps, device=device)
-    rows = [[name, "dense (eager)", "1.00", f"{t_dense * 1e3:.0f}", "1.00x", f"{dense_flops / t_dense / 1e12:.3f}"]]
+    fns = {"dense (eager)": lambda: step(lambda: dense_ffn(x, w1, b1, w_up, w2, b2, activation), x, dy, params)}
+    compile_s = None
     if use_compile:
         cfn = torch.compile(dense_ffn)
-        t_c = time_fn(lambda: step(lambda: cfn(x, w1, b1, w_up, w2, b2, activation), x, dy, params),
-                      warmup=2, reps=reps, device=device)
-        rows.append([name, "dense (torch.compile)", "1.00", f"{t_c * 1e3:.0f}", f"{t_dense / t_c:.2f}x",
-                     f"{dense_flops / t_c / 1e12:.3f}"])
+        t0 = time.perf_counter()
+        step(lambda: cfn(x, w1, b1, w_up, w2, b2, activation), x, dy, params)  # compiles fwd + bwd
+        compile_s = time.perf_counter() - t0
+        fns["dense (torch.compile)"] = lambda: step(lambda: cfn(x, w1, b1, w_up, w2, b2, activation), x, dy,
+                                                    params)
     perm = compute_block_perm(w1, E).to(device)
+    ks = {}
     for density in DENSITIES:
         k = max(1, round(density * E))
+        ks[f"routed k={k}/{E}"] = k
 
-        def routed():
+        def routed(k=k):
             y, _, _, _ = torch.ops.spt.routed_ffn(x, w1, b1, w_up, None, w2, b2, perm, activation, E, k,
                                                   "lowrank", 32, 200, hash(name) % 10_000)
             return y
 
-        t = time_fn(lambda: step(routed, x, dy, params), warmup=1, reps=reps, device=device)
+        fns[f"routed k={k}/{E}"] = lambda routed=routed: step(routed, x, dy, params)
+    load0 = os.getloadavg()[0]
+    med = interleaved_medians(fns, reps, device)
+    loads.append((name, load0, os.getloadavg()[0]))
+    t_dense = med["dense (eager)"]
+    rows = []
+    for variant, t in med.items():
+        k = ks.get(variant, E)
         active = dense_flops * k / E
-        rows.append([name, f"routed k={k}/{E}", f"{k / E:.2f}", f"{t * 1e3:.0f}", f"{t_dense / t:.2f}x",
+        rows.append([name, variant, f"{k / E:.2f}", f"{t * 1e3:.0f}", f"{t_dense / t:.2f}x",
                      f"{active / t / 1e12:.3f}"])
         print(" | ".join(rows[-1]), flush=True)
-    return rows
+    if compile_s is not None:
+        print(f"{name}: torch.compile of the dense FFN (fwd+bwd) took {compile_s:.0f} s", flush=True)
+    return rows, compile_s
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dense baseline")
     ap.add_argument("--quick", action="store_true", help="GPT-2-small only (a smoke run)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows = []
+    rows, loads, compiles = [], [], []
     for shape in SHAPES[:1] if args.quick else SHAPES:
-        rows += bench_shape(*shape, args.tokens, args.reps, not args.no_compile, device, dtype)
+        r, c = bench_shape(*shape, args.tokens, args.reps, not args.no_compile, device, dtype, loads)
+        rows += r
+        if c is not None:
+            compiles.append(f"{shape[0]} {c:.0f} s")
     headers = ["shape", "variant", "density", "fwd+bwd ms", "speedup vs dense eager", "TFLOP/s (active)"]
     table = markdown_table(headers, rows)
     print(table)
+    load_txt = "; ".join(f"{n}: {a:.1f} -> {b:.1f}" for n, a, b in loads)
+    print("load average (1 min) at start -> end of each shape:", load_txt)
     if not args.no_write:
-        body = (f"Machine: {machine_name()}; {args.tokens} tokens, {dtype}, E={E}, lowrank router (rank 32), "
-                f"median of {args.reps} forward+backward steps after warm-up.\n"
+        body = (f"Machine: {machine_name()}; {args.tokens} tokens, {dtype}, E={E}, lowrank router (rank 32, its "
+                f"cost included), median of {args.reps} forward+backward steps per variant, variants timed "
+                "round-robin after one warm-up step each.\n"
+                "Dense baseline: plain eager `Linear -> act -> Linear` (SwiGLU: `silu(gate) * up -> down`) "
+                "forward + backward with autograd; `dense (torch.compile)` is the same function compiled with "
+                "the default (inductor) backend"
+                + (f" (compile time: {', '.join(compiles)})" if compiles else "") + ".\n"
+                "TFLOP/s counts the GEMM FLOPs of the active blocks (density x dense FLOPs, forward + backward "
+                "= 3x forward); the router's small GEMMs are not counted.\n"
+                f"Load average (1 min, shared machine) at start -> end of each shape: {load_txt}.\n"
                 "Targets on CPU: >= 2x faster than dense at density 0.25, <= 1.05x slower at density 1.0.\n\n"
                 + table + "\n")
         print("wrote", write_result("ffn", body))

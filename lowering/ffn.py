@@ -13,12 +13,15 @@ Each token keeps its top_k blocks by router score (lowering/router.py):
   "oracle": ||act(W1_e x + b1_e)|| (gated: ||act(Wg_e x + bg_e) ⊙ (Wu_e x + bu_e)||), exact, dense first GEMM.
 Output: y = Σ over kept blocks e of W2[:, e]·hidden_e(x) + b2. Backward: exact gradients of that expression
 (the selection carries no gradient); weight-gradient rows/columns of unused blocks are zero, never computed.
-top_k == num_blocks (density 1.0) is exact mode and equals the dense FFN.
+top_k == num_blocks (density 1.0) is exact mode and equals the dense FFN: on every device the op then runs
+the plain dense FFN (no routing, permutation or grouping copies) and saves h_pre / h_up in the exact-mode
+layout of docs/OPS.md (dense [T, H] pre-activations viewed as [T*E, Hb]), which only its own backward reads.
+The backward computes only the gradients autograd asks for (ctx.needs_input_grad: frozen weights are free).
 
 Outputs (y, block_ids, h_pre, h_up): block_ids [T, top_k] int32, h_pre/h_up [T*top_k, Hb] pre-activations in
 block-grouped order (saved for the backward; not differentiable), h_up empty [0] when ungated.
-Dispatch: CUDA tensors (fp16/bf16/fp32) → Triton kernels in spt_compile.kernels; everything else → the
-plain-PyTorch reference in lowering/reference/routed_ffn.py.
+Dispatch (sparse mode): CUDA tensors (fp16/bf16/fp32) → Triton kernels in spt_compile.kernels; everything
+else → the plain-PyTorch reference in lowering/reference/routed_ffn.py.
 """
 from __future__ import annotations
 
@@ -100,13 +103,22 @@ def routed_ffn_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w_
         x2d = x2d.contiguous()
     block_ids = _router.route(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, top_k, router,
                               router_rank, router_refresh, site_id)             # [T, k] int32
-    if _use_kernels(x):
-        from spt_compile.kernels.grouped_gemm import routed_ffn_forward
-    else:
+    if not _use_kernels(x):
         _check_perm(block_perm)
-        routed_ffn_forward = _ref.routed_ffn_forward
-    y2d, h_pre, h_up = routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation,
-                                          num_blocks)
+    if top_k == num_blocks:
+        # exact mode (any device): the dense FFN in the user's neuron order, no permutation or grouping
+        # copies; h_pre / h_up are the dense pre-activations [T, H] viewed as [T*E, Hb] (OPS.md)
+        y2d, pre, up = _ref.dense_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, activation)
+        Hb = w1.shape[0] // num_blocks
+        h_pre = pre.view(-1, Hb)
+        h_up = up.view(-1, Hb) if up is not None else x2d.new_empty(0)
+    else:
+        if _use_kernels(x):
+            from spt_compile.kernels.grouped_gemm import routed_ffn_forward
+        else:
+            routed_ffn_forward = _ref.routed_ffn_forward
+        y2d, h_pre, h_up = routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids,
+                                              activation, num_blocks)
     y = y2d.reshape(*x.shape[:-1], w2.shape[0])
     return y, block_ids, h_pre, h_up
 
@@ -135,44 +147,69 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.num_blocks = num_blocks
     ctx.mark_non_differentiable(block_ids, h_pre, h_up)
+    # no zero-filled grads for the non-differentiable outputs (h_pre alone is as large as the hidden
+    # activations): _backward receives None for them, and for y when y was unused
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("spt::routed_ffn_backward", mutates_args=())
 def routed_ffn_backward_op(dy2d: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                            w_up: torch.Tensor | None, b_up: torch.Tensor | None, w2: torch.Tensor,
                            b2: torch.Tensor | None, block_perm: torch.Tensor, block_ids: torch.Tensor,
-                           h_pre: torch.Tensor, h_up: torch.Tensor, activation: str, num_blocks: int
+                           h_pre: torch.Tensor, h_up: torch.Tensor, activation: str, num_blocks: int,
+                           needs: list[bool]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor]:
     """The backward as its own opaque op: AOTAutograd traces the autograd formula, and the block loop is
-    data-dependent, so it must sit behind a custom op with a fake impl. Absent grads come back as empty [0]."""
-    if _use_kernels(x2d):
-        from spt_compile.kernels.grouped_gemm import routed_ffn_backward
-    else:
-        routed_ffn_backward = _ref.routed_ffn_backward
+    data-dependent, so it must sit behind a custom op with a fake impl. needs (x, w1, b1, w_up, b_up, w2, b2)
+    is ctx.needs_input_grad: grads not needed (frozen weights) are not computed. Absent or unneeded grads
+    come back as empty [0]."""
     dy2d = dy2d.contiguous()
     x2d = x2d.contiguous()
-    grads = routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre,
-                                h_up if w_up is not None else None, activation, num_blocks)
+    gated = w_up is not None
+    if block_ids.shape[1] == num_blocks:
+        # exact mode, any device: h_pre / h_up hold the dense pre-activations [T, H] (see the forward)
+        H = w1.shape[0]
+        grads = _ref.dense_ffn_backward(dy2d, x2d, w1, w_up, w2, h_pre.view(-1, H),
+                                        h_up.view(-1, H) if gated else None, activation,
+                                        _needs(needs, b1, w_up, b_up, b2))
+    elif _use_kernels(x2d):
+        from spt_compile.kernels.grouped_gemm import routed_ffn_backward
+        grads = routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre,
+                                    h_up if gated else None, activation, num_blocks)
+        grads = [g if n else None for g, n in zip(grads, needs)]
+    else:
+        grads = _ref.routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre,
+                                         h_up if gated else None, activation, num_blocks,
+                                         needs=_needs(needs, b1, w_up, b_up, b2))
     return tuple(g.contiguous() if g is not None else x2d.new_empty(0) for g in grads)
 
 
+def _needs(needs, b1, w_up, b_up, b2) -> tuple[bool, ...]:
+    """needs masked by which inputs exist: (x, w1, b1, w_up, b_up, w2, b2)."""
+    present = (True, True, b1 is not None, w_up is not None, b_up is not None, True, b2 is not None)
+    return tuple(bool(n) and p for n, p in zip(needs, present))
+
+
 @routed_ffn_backward_op.register_fake
-def _(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up, activation, num_blocks):
-    def like(t):
-        return x2d.new_empty(t.shape) if t is not None else x2d.new_empty(0)
-    return (x2d.new_empty(x2d.shape), like(w1), like(b1), like(w_up), like(b_up), like(w2), like(b2))
+def _(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up, activation, num_blocks,
+      needs):
+    wanted = _needs(needs, b1, w_up, b_up, b2)
+    return tuple(x2d.new_empty(t.shape) if n else x2d.new_empty(0)
+                 for t, n in zip((x2d, w1, b1, w_up, b_up, w2, b2), wanted))
 
 
 def _backward(ctx, dy, _dblock_ids, _dh_pre, _dh_up):
     x, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up = ctx.saved_tensors
+    if dy is None:  # y did not reach the loss
+        return (None,) * 15
     d = w1.shape[1]
+    needs = _needs(ctx.needs_input_grad[:7], b1, w_up, b_up, b2)
     grads = torch.ops.spt.routed_ffn_backward(dy.reshape(-1, w2.shape[0]), x.reshape(-1, d), w1, b1, w_up,
                                               b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
-                                              ctx.activation, ctx.num_blocks)
-    present = (True, True, b1 is not None, w_up is not None, b_up is not None, True, b2 is not None)
-    dx, dw1, db1, dw_up, db_up, dw2, db2 = (g if p else None for g, p in zip(grads, present))
-    return (dx.reshape(x.shape), dw1, db1, dw_up, db_up, dw2, db2) + (None,) * 8
+                                              ctx.activation, ctx.num_blocks, list(needs))
+    dx, dw1, db1, dw_up, db_up, dw2, db2 = (g if n else None for g, n in zip(grads, needs))
+    return (dx.reshape(x.shape) if dx is not None else None, dw1, db1, dw_up, db_up, dw2, db2) + (None,) * 8
 
 
 routed_ffn_op.register_autograd(_backward, setup_context=_setup_context)

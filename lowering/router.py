@@ -123,37 +123,64 @@ def _get_factors(site_id, w1, w_up, block_perm, rank, refresh, x2d, data_aware) 
     return f
 
 
-def _block_norms(hidden: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    T, H = hidden.shape
-    return hidden.float().view(T, num_blocks, H // num_blocks).norm(dim=-1)   # [T, E]
+_CHUNK_BYTES = 1 << 21  # [chunk, H] fp32 score buffers of ~2 MB: cache-resident, reused by the allocator
+
+
+def _chunked_block_norms(n_tokens: int, num_blocks: int, width: int, device, hidden_of) -> torch.Tensor:
+    """[T, E] float32 block norms of hidden_of(lo, hi) -> [hi-lo, H], over token chunks.
+
+    The router's [T, H] intermediates would be as large as the FFN's own hidden activations (fresh, page-
+    faulting allocations every call); chunks of ~2 MB keep the elementwise work in cache and the memory
+    flat. A loop over token chunks, not tokens."""
+    chunk = max(1, _CHUNK_BYTES // (4 * width))
+    scores = torch.empty(n_tokens, num_blocks, dtype=torch.float32, device=device)
+    for lo in range(0, n_tokens, chunk):
+        hi = min(n_tokens, lo + chunk)
+        h = hidden_of(lo, hi)                                                  # [c, H] block order
+        torch.linalg.vector_norm(h.float().view(hi - lo, num_blocks, -1), dim=-1, out=scores[lo:hi])
+    return scores
+
+
+def _permuted(t, block_perm, dtype=None):
+    if t is None:
+        return None
+    t = t.index_select(0, block_perm)
+    return t.to(dtype) if dtype is not None else t
 
 
 def oracle_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks) -> torch.Tensor:
     """[T, E] float32: exact ||hidden_e(x)||."""
-    w1p = w1.index_select(0, block_perm)
-    b1p = b1.index_select(0, block_perm) if b1 is not None else None
-    pre = torch.nn.functional.linear(x2d, w1p, b1p)                           # [T, H] block order
-    hidden = activation_forward(pre, activation)
-    if w_up is not None:
-        bup = b_up.index_select(0, block_perm) if b_up is not None else None
-        hidden = hidden * torch.nn.functional.linear(x2d, w_up.index_select(0, block_perm), bup)
-    return _block_norms(hidden, num_blocks)
+    w1p, b1p = _permuted(w1, block_perm), _permuted(b1, block_perm)
+    wup, bup = _permuted(w_up, block_perm), _permuted(b_up, block_perm)
+
+    def hidden_of(lo, hi):
+        xc = x2d[lo:hi]
+        h = activation_forward(torch.nn.functional.linear(xc, w1p, b1p), activation)   # [c, H] block order
+        return h * torch.nn.functional.linear(xc, wup, bup) if wup is not None else h
+
+    return _chunked_block_norms(x2d.shape[0], num_blocks, w1.shape[0], x2d.device, hidden_of)
 
 
 def lowrank_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, rank, refresh,
                    site_id, data_aware: bool = True) -> torch.Tensor:
     """[T, E] float32: ||hidden_e(x)|| with low-rank predicted projections (float32 throughout).
 
+    Cost O(T r (d + H)) for the two thin GEMMs (x V once, then (x V) Aᵀ per chunk) plus O(T H) elementwise.
     data_aware: factors weighted by the input second moment of the tokens of the (re)fresh call."""
     f = _get_factors(site_id, w1, w_up, block_perm, rank, refresh, x2d, data_aware)
     xf = x2d.to(torch.float32)
-    b1p = b1.index_select(0, block_perm).float() if b1 is not None else None
-    pre = torch.nn.functional.linear(xf @ f.v, f.a, b1p)                      # [T, H] block order
-    hidden = activation_forward(pre, activation)
-    if w_up is not None:
-        bup = b_up.index_select(0, block_perm).float() if b_up is not None else None
-        hidden = hidden * torch.nn.functional.linear(xf @ f.v_up, f.a_up, bup)
-    return _block_norms(hidden, num_blocks)
+    xv = xf @ f.v                                                              # [T, r]
+    xvu = xf @ f.v_up if w_up is not None else None                            # [T, r]
+    b1p = _permuted(b1, block_perm, torch.float32)
+    bup = _permuted(b_up, block_perm, torch.float32)
+
+    def hidden_of(lo, hi):
+        h = activation_forward(torch.nn.functional.linear(xv[lo:hi], f.a, b1p), activation)  # [c, H]
+        if xvu is not None:
+            h = h.mul_(torch.nn.functional.linear(xvu[lo:hi], f.a_up, bup))
+        return h
+
+    return _chunked_block_norms(x2d.shape[0], num_blocks, w1.shape[0], x2d.device, hidden_of)
 
 
 def route(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, top_k, router, rank, refresh,

@@ -1,21 +1,31 @@
-"""Plain-PyTorch reference for the routed FFN stages of docs/OPS.md.
+"""Plain-PyTorch reference for the routed FFN stages of docs/OPS.md (and the CPU path of the op).
 
 Semantics: the H hidden neurons form E = num_blocks blocks of Hb = H // E neurons; block e is the neurons
 block_perm[e*Hb:(e+1)*Hb]. Token t keeps the blocks block_ids[t, :] and
     y[t] = sum over kept e of w2[:, blk_e] @ hidden_blk_e(x[t]) + b2,
     hidden = act(w1 x + b1)                       (ungated)
     hidden = act(w1 x + b1) * (w_up x + b_up)     (gated; w1 is the gate projection).
-Unused blocks are really skipped: the work is one loop over the E blocks (index_select + matmul per block),
-never over tokens. h_pre / h_up come back in *block-grouped order*: the rows of the (token, slot) pairs
-p = t*k + s, stably sorted by block id (pair_order from `routing_prologue`).
+Unused blocks are really skipped: the work is one loop over the E blocks (one GEMM per block and
+projection), never over tokens. h_pre / h_up come back in *block-grouped order*: the rows of the
+(token, slot) pairs p = t*k + s, stably sorted by block id (pair_order from `routing_prologue`).
 
-Speed matters here because this is the CPU path of the op:
-  * weights are permuted once per call (w1[block_perm] etc.: O(H*d) copies, negligible next to the GEMMs)
-    so that each block's weights are contiguous slices;
-  * exact mode (k == E) never gathers: every block owns every token, in token order, so it runs the dense
-    FFN's single GEMMs (block order) and h_pre is a [T, E, Hb] -> [E, T, Hb] transpose of the dense pre-activation;
-  * sparse mode gathers each block's tokens once, writes GEMM results into preallocated grouped buffers
-    (`out=`), applies the activation once over all pairs, and scatters back with one index_add_.
+Two entry points:
+  * `routed_ffn_forward` / `routed_ffn_backward`: the OPS.md stages (block-grouped h_pre in every mode),
+    what the Triton kernels are tested against;
+  * `dense_ffn_forward` / `dense_ffn_backward`: exact mode (top_k == E) as the op runs it on every device:
+    the plain dense FFN in the user's neuron order, no permutation, no copies; h_pre is then the dense
+    pre-activation [T, H] (see docs/OPS.md, "exact-mode layout").
+
+Speed (this is the CPU path of the op; measured with bench/ffn.py and torch.profiler):
+  * one loop over the used blocks; each block gathers its token rows (index_select) and its weight rows /
+    columns (w[block_perm slice]) and runs plain GEMMs, writing h_pre straight into its grouped slice
+    (`out=`). Every temporary is per block ([n_e, d], [Hb, d]): on CPU, [T*k, d]-sized buffers or permuted
+    copies of whole weights are fresh mmaps that page-fault on every call (a fresh 50 MB buffer measured
+    ~5x the cost of a copy into warm memory), while block-sized ones are recycled by the heap;
+  * per-pair outputs are summed per token with index_add_ (half types into an fp32 buffer);
+  * weight gradients are written straight into the user's neuron order (index_copy_ of each used block's
+    rows/columns), unused blocks' rows are zero-filled, never computed;
+  * the backward computes only the gradients autograd asks for (`needs`): frozen weights cost nothing.
 """
 from __future__ import annotations
 
@@ -63,16 +73,7 @@ def routing_prologue(block_ids: torch.Tensor, num_blocks: int) -> tuple[torch.Te
     return pair_order.to(torch.int32), offsets.to(torch.int32)
 
 
-def _permuted(w1, b1, w_up, b_up, w2, block_perm):
-    """Weights with hidden neurons in block order: block e's rows are the slice [e*Hb, (e+1)*Hb)."""
-    w1p = w1.index_select(0, block_perm)                                       # [H, d]
-    b1p = b1.index_select(0, block_perm) if b1 is not None else None           # [H]
-    wup = w_up.index_select(0, block_perm) if w_up is not None else None       # [H, d]
-    bup = b_up.index_select(0, block_perm) if b_up is not None else None       # [H]
-    # w2 columns: index_select keeps [d_out, H] row-major, so a block's columns are a strided view whose
-    # transpose BLAS reads directly (no copy per block).
-    w2p = w2.index_select(1, block_perm)                                       # [d_out, H]
-    return w1p, b1p, wup, bup, w2p
+_ALL = (True,) * 7  # needs: (x, w1, b1, w_up, b_up, w2, b2)
 
 
 def _hidden(h_pre: torch.Tensor, h_up: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -80,16 +81,51 @@ def _hidden(h_pre: torch.Tensor, h_up: torch.Tensor | None, activation: str) -> 
     return a * h_up if h_up is not None else a
 
 
-def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """out = x @ w.T (+ b), written in place (out is a contiguous slice of a grouped buffer)."""
-    if b is not None:
-        torch.addmm(b, x, w.t(), out=out)
-    else:
-        torch.mm(x, w.t(), out=out)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------- exact mode: the dense FFN
+
+
+def dense_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, activation: str):
+    """-> (y [T, d_out], pre [T, H], up [T, H] or None): the dense FFN, GEMMs exactly as nn.Linear runs them."""
+    pre = torch.nn.functional.linear(x2d, w1, b1)                              # [T, H]
+    up = torch.nn.functional.linear(x2d, w_up, b_up) if w_up is not None else None
+    y = torch.nn.functional.linear(_hidden(pre, up, activation), w2, b2)      # [T, d_out]
+    return y, pre, up
+
+
+def dense_ffn_backward(dy2d, x2d, w1, w_up, w2, pre, up, activation: str, needs=_ALL):
+    """Gradients of dense_ffn_forward -> (dx, dw1, db1, dw_up, db_up, dw2, db2); None where not needed
+    (needs[i] False, e.g. frozen weights) or absent. The same GEMMs autograd runs through the dense FFN;
+    the activation is recomputed from pre (the op saves pre-activations only)."""
+    n_x, n_w1, n_b1, n_wup, n_bup, n_w2, n_b2 = needs
+    gated = up is not None
+    n_up = gated and (n_wup or n_bup)
+    n_pre = n_x or n_w1 or n_b1 or n_up                                       # anything below the activation
+    act = activation_forward(pre, activation) if (n_w2 or gated) else None    # [T, H]
+    dw2 = dy2d.t().mm(act * up if gated else act) if n_w2 else None           # [d_out, H]
+    db2 = dy2d.sum(0) if n_b2 else None
+    dx = dw1 = db1 = dw_up = db_up = None
+    if n_pre:
+        dhidden = dy2d.mm(w2)                                                  # [T, H]
+        dpre = activation_backward(dhidden * up if gated else dhidden, pre, activation)
+        dup = dhidden * act if gated else None
+        del dhidden, act
+        dw1 = dpre.t().mm(x2d) if n_w1 else None                               # [H, d]
+        db1 = dpre.sum(0) if n_b1 else None
+        if n_x:
+            dx = dpre.mm(w1)                                                   # [T, d]
+            if gated:
+                dx.addmm_(dup, w_up)
+        if gated:
+            dw_up = dup.t().mm(x2d) if n_wup else None
+            db_up = dup.sum(0) if n_bup else None
+    return dx, dw1, db1, dw_up, db_up, dw2, db2
+
+
+# ---------------------------------------------------------------- shared helpers of the sparse path
 
 
 def _tok_to_grouped(t: torch.Tensor, E: int) -> torch.Tensor:
@@ -104,9 +140,34 @@ def _grouped_to_tok(g: torch.Tensor, E: int) -> torch.Tensor:
     return g.view(E, -1, Hb).transpose(0, 1).reshape(-1, E * Hb)
 
 
-def _block_slices(offsets: torch.Tensor):
-    off = offsets.tolist()  # host copy of E+1 ints: fine on the CPU path this reference serves
-    return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
+def _permuted_rows(w: torch.Tensor | None, block_perm: torch.Tensor) -> torch.Tensor | None:
+    """Rows (hidden neurons) of w in block order: block e is the contiguous slice [e*Hb, (e+1)*Hb)."""
+    return None if w is None else w.index_select(0, block_perm)
+
+
+class _Blocks:
+    """The block loop's schedule, derived once from block_ids: for each used block e, its neurons
+    (block_perm slice), its grouped pair range [lo, hi) and the tokens of those pairs."""
+
+    def __init__(self, block_ids: torch.Tensor, block_perm: torch.Tensor, num_blocks: int):
+        k = block_ids.shape[1]
+        Hb = block_perm.numel() // num_blocks
+        pair_order, offsets = routing_prologue(block_ids, num_blocks)
+        tokens = pair_order.long() // k                                        # [T*k] token of each grouped pair
+        off = offsets.tolist()  # host copy of E+1 ints: fine on the CPU path this reference serves
+        self.used = [(block_perm[e * Hb:(e + 1) * Hb], off[e], off[e + 1], tokens[off[e]:off[e + 1]])
+                     for e in range(num_blocks) if off[e + 1] > off[e]]       # (neurons, lo, hi, tokens)
+        unused = [block_perm[e * Hb:(e + 1) * Hb] for e in range(num_blocks) if off[e + 1] == off[e]]
+        self.unused_neurons = torch.cat(unused) if unused else None
+
+
+def _w_rows(w: torch.Tensor | None, nrn: torch.Tensor) -> torch.Tensor | None:
+    """[Hb, d] rows of w [H, d] for one block's neurons (a small gather: the whole loop copies each weight
+    once, in cache-sized pieces, instead of materialising a permuted copy of every weight)."""
+    return None if w is None else w.index_select(0, nrn)
+
+
+# ---------------------------------------------------------------- OPS.md stages
 
 
 def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation: str,
@@ -119,140 +180,132 @@ def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, a
     k = block_ids.shape[1]
     d_out = w2.shape[0]
     gated = w_up is not None
-    w1p, b1p, wup, bup, w2p = _permuted(w1, b1, w_up, b_up, w2, block_perm)
 
     if k == E:
-        # Exact mode: every block owns every token in token order, so this is the dense FFN (same GEMMs,
-        # fp32 accumulation inside each) and the grouped layout is just a [T, E, Hb] -> [E, T, Hb] transpose.
-        pre = torch.nn.functional.linear(x2d, w1p, b1p)                       # [T, H] block order
-        up = torch.nn.functional.linear(x2d, wup, bup) if gated else None     # [T, H]
-        hidden = _hidden(pre, up, activation)                                  # [T, H]
-        y = torch.nn.functional.linear(hidden, w2p, b2)                        # [T, d_out]
-        h_pre = _tok_to_grouped(pre, E)
-        h_up = _tok_to_grouped(up, E) if gated else x2d.new_empty(0)
-        return y, h_pre, h_up
+        # Exact mode in the stage's block-grouped layout: the dense FFN with block-ordered weights, and the
+        # grouped h_pre is a [T, E, Hb] -> [E, T, Hb] transpose. (The op itself uses dense_ffn_forward.)
+        w1p, b1p, wup, bup = (_permuted_rows(t, block_perm) for t in (w1, b1, w_up, b_up))
+        w2p = w2.index_select(1, block_perm)
+        y, pre, up = dense_ffn_forward(x2d, w1p, b1p, wup, bup, w2p, b2, activation)
+        return y, _tok_to_grouped(pre, E), (_tok_to_grouped(up, E) if gated else x2d.new_empty(0))
 
+    # Per-block temporaries ([n_e, d] gathers, [n_e, d_out] outputs) stay small: glibc serves them from
+    # its heap, whereas [T*k, d]-sized buffers would be fresh mmaps that page-fault on every call
+    # (measured: a 50 MB fresh buffer costs ~5x a copy into warm memory).
+    blocks = _Blocks(block_ids, block_perm, E)
     h_pre = x2d.new_empty(T * k, Hb)                                           # [T*k, Hb] grouped
     h_up = x2d.new_empty(T * k, Hb) if gated else x2d.new_empty(0)
-    pair_order, offsets = routing_prologue(block_ids, E)
-    tokens = pair_order.long() // k                                            # [T*k] token of each grouped pair
-    blocks = _block_slices(offsets)
-    x_blk = {}
-    for e, lo, hi in blocks:
-        rows = slice(e * Hb, (e + 1) * Hb)
-        xe = x2d.index_select(0, tokens[lo:hi])                                # [n_e, d]
-        x_blk[e] = xe
-        _linear_into(h_pre[lo:hi], xe, w1p[rows], None if b1p is None else b1p[rows])
+    for nrn, lo, hi, tok in blocks.used:
+        xe = x2d.index_select(0, tok)                                          # [n_e, d]
+        _linear_into(h_pre[lo:hi], xe, _w_rows(w1, nrn), _w_rows(b1, nrn))
         if gated:
-            _linear_into(h_up[lo:hi], xe, wup[rows], None if bup is None else bup[rows])
+            _linear_into(h_up[lo:hi], xe, _w_rows(w_up, nrn), _w_rows(b_up, nrn))
     hidden = _hidden(h_pre, h_up if gated else None, activation)              # [T*k, Hb]
-    out_pairs = x2d.new_empty(T * k, d_out)                                    # [T*k, d_out] grouped
-    for e, lo, hi in blocks:
-        torch.mm(hidden[lo:hi], w2p[:, e * Hb:(e + 1) * Hb].t(), out=out_pairs[lo:hi])
-    # accumulate the k contributions per token in fp32 for half types (as the GEMMs do internally)
+    # sum of the k per-pair outputs of each token, in fp32 for half types (as the GEMMs accumulate inside)
     acc = _acc_dtype(x2d.dtype)
-    y = torch.zeros(T, d_out, dtype=acc) if b2 is None else b2.to(acc).expand(T, d_out).contiguous()
-    y.index_add_(0, tokens, out_pairs.to(acc))
+    # (a fresh buffer, never b2.expand(...).contiguous(): for T == 1 that is a view of b2, which
+    # index_add_ would then modify)
+    y = x2d.new_zeros(T, d_out, dtype=acc) if b2 is None else x2d.new_empty(T, d_out, dtype=acc).copy_(b2)
+    for nrn, lo, hi, tok in blocks.used:
+        out_e = hidden[lo:hi].mm(w2.index_select(1, nrn).t())                 # [n_e, d_out]
+        y.index_add_(0, tok, out_e.to(acc))
     return y.to(x2d.dtype), h_pre, h_up
 
 
+def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """out = x @ w.T (+ b), written in place (out is a contiguous slice of a grouped buffer)."""
+    if b is not None:
+        torch.addmm(b, x, w.t(), out=out)
+    else:
+        torch.mm(x, w.t(), out=out)
+
+
 def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
-                        activation: str, num_blocks: int):
-    """-> (dx, dw1, db1, dw_up, db_up, dw2, db2), None where the input is absent.
+                        activation: str, num_blocks: int, needs=_ALL):
+    """-> (dx, dw1, db1, dw_up, db_up, dw2, db2), None where the input is absent or needs[i] is False.
 
     Exact gradients of the routed expression (the selection carries no gradient). Weight-gradient rows
     (w1, w_up, b1, b_up) and columns (w2) of unused blocks are zero and never computed.
+    needs (x, w1, b1, w_up, b_up, w2, b2): which gradients to compute (ctx.needs_input_grad).
     """
-    T, d = x2d.shape
-    H = w1.shape[0]
     E = num_blocks
-    Hb = H // E
-    k = block_ids.shape[1]
     gated = w_up is not None
+    present = (True, True, b1 is not None, gated, b_up is not None, True, b2 is not None)
+    needs = tuple(bool(n) and p for n, p in zip(needs, present))
     dy2d = dy2d.contiguous()
-    w1p, _, wup, _, w2p = _permuted(w1, None, w_up, None, w2, block_perm)
-    if k == E:
-        grads_p = _backward_exact(dy2d, x2d, w1p, wup, w2p, h_pre, h_up if gated else None, activation, E)
-    else:
-        grads_p = _backward_sparse(dy2d, x2d, w1p, wup, w2p, block_ids, h_pre, h_up if gated else None,
-                                   activation, E)
-    dw1p, db1p, dwupp, dbupp, dw2p, dx = grads_p
+    if block_ids.shape[1] != E:
+        return _backward_sparse(dy2d, x2d, w1, w_up, w2, block_perm, block_ids, h_pre,
+                                h_up if gated else None, activation, E, needs)
+    # exact mode, block-grouped layout: dense backward in block order, then back to the user's order
+    w1p, wup = _permuted_rows(w1, block_perm), _permuted_rows(w_up, block_perm)
+    w2p = w2.index_select(1, block_perm)                                       # [d_out, H] block order
+    pre = _grouped_to_tok(h_pre, E)                                            # [T, H] block order
+    up = _grouped_to_tok(h_up, E) if gated else None
+    dx, dw1p, db1p, dwupp, dbupp, dw2p, db2 = dense_ffn_backward(dy2d, x2d, w1p, wup, w2p, pre, up,
+                                                                 activation, needs)
 
-    # Back from block order to the user's neuron order: index_copy puts block-order row j at block_perm[j].
+    # index_copy puts block-order row j at block_perm[j]
     def unperm(t, dim=0):
-        return torch.empty_like(t).index_copy_(dim, block_perm, t)
+        return None if t is None else torch.empty_like(t).index_copy_(dim, block_perm, t)
 
-    dw1 = unperm(dw1p)
-    db1 = unperm(db1p) if b1 is not None else None
-    dw_up = unperm(dwupp) if gated else None
-    db_up = unperm(dbupp) if (gated and b_up is not None) else None
-    dw2 = unperm(dw2p, 1)                                                      # [d_out, H]
-    db2 = dy2d.sum(0) if b2 is not None else None
-    return dx, dw1, db1, dw_up, db_up, dw2, db2
+    return dx, unperm(dw1p), unperm(db1p), unperm(dwupp), unperm(dbupp), unperm(dw2p, 1), db2
 
 
-def _backward_exact(dy2d, x2d, w1p, wup, w2p, h_pre, h_up, activation, E):
-    """Dense backward in block order (exact mode): single GEMMs, as autograd through the dense FFN does."""
-    pre = _grouped_to_tok(h_pre, E)                                            # [T, H]
-    up = _grouped_to_tok(h_up, E) if h_up is not None else None
-    act = activation_forward(pre, activation)
-    hidden = act * up if up is not None else act
-    dw2p = dy2d.t() @ hidden                                                   # [d_out, H]
-    del hidden
-    dhidden = dy2d @ w2p                                                       # [T, H]
-    dpre = activation_backward(dhidden * up if up is not None else dhidden, pre, activation)
-    dup = dhidden * act if up is not None else None
-    del dhidden, act, pre
-    dw1p = dpre.t() @ x2d                                                      # [H, d]
-    dx = dpre @ w1p                                                            # [T, d]
-    dwupp = dbupp = None
-    if dup is not None:
-        dwupp = dup.t() @ x2d
-        dx.addmm_(dup, wup)
-        dbupp = dup.sum(0)
-    return dw1p, dpre.sum(0), dwupp, dbupp, dw2p, dx
-
-
-def _backward_sparse(dy2d, x2d, w1p, wup, w2p, block_ids, h_pre, h_up, activation, E):
-    """Per-block backward over the grouped pairs; unused blocks' weight-grad rows stay zero, untouched."""
+def _backward_sparse(dy2d, x2d, w1, w_up, w2, block_perm, block_ids, h_pre, h_up, activation, E, needs):
+    """Per-block backward over the grouped pairs, written straight into the user's neuron order (each used
+    block's gradient rows land at its neurons with index_copy_); unused blocks' rows are zero."""
     T, d = x2d.shape
-    H, d_out = w1p.shape[0], w2p.shape[0]
-    Hb = H // E
-    k = block_ids.shape[1]
+    H, d_out = w1.shape[0], w2.shape[0]
     gated = h_up is not None
-    pair_order, offsets = routing_prologue(block_ids, E)
-    tokens = pair_order.long() // k                                            # [T*k]
-    blocks = _block_slices(offsets)
-    act = activation_forward(h_pre, activation)                                # [T*k, Hb]
-    hidden = act * h_up if gated else act
+    n_x, n_w1, n_b1, n_wup, n_bup, n_w2, n_b2 = needs
+    n_pre = n_x or n_w1 or n_b1 or n_wup or n_bup
+    blocks = _Blocks(block_ids, block_perm, E)
+    act = activation_forward(h_pre, activation) if (n_w2 or gated) else None  # [T*k, Hb]
+    hidden = (act * h_up if gated else act) if n_w2 else None
 
-    dw2pt = x2d.new_zeros(H, d_out)                                            # dw2 in block order, transposed
-    dhidden = x2d.new_empty(T * k, Hb)                                         # [T*k, Hb] grouped
-    for e, lo, hi in blocks:
-        cols = slice(e * Hb, (e + 1) * Hb)
-        dye = dy2d.index_select(0, tokens[lo:hi])                              # [n_e, d_out]
-        torch.mm(hidden[lo:hi].t(), dye, out=dw2pt[cols])                      # [Hb, d_out]
-        torch.mm(dye, w2p[:, cols], out=dhidden[lo:hi])                        # [n_e, Hb]
+    def zeros_for_unused(shape, dim=0):
+        t = x2d.new_empty(shape)
+        if blocks.unused_neurons is not None:
+            t.index_fill_(dim, blocks.unused_neurons, 0)
+        return t
+
+    dw2 = zeros_for_unused((d_out, H), dim=1) if n_w2 else None
+    dhidden = x2d.new_empty(h_pre.shape) if n_pre else None                   # [T*k, Hb] grouped
+    for nrn, lo, hi, tok in blocks.used:
+        dye = dy2d.index_select(0, tok)                                        # [n_e, d_out]
+        w2e = w2.index_select(1, nrn)                                          # [d_out, Hb]
+        if n_w2:
+            dw2.index_copy_(1, nrn, dye.t().mm(hidden[lo:hi]))                 # [d_out, Hb]
+        if n_pre:
+            torch.mm(dye, w2e, out=dhidden[lo:hi])                             # [n_e, Hb]
     del hidden
+    db2 = dy2d.sum(0) if n_b2 else None
+    if not n_pre:
+        return None, None, None, None, None, dw2, db2
+
     dpre = activation_backward(dhidden * h_up if gated else dhidden, h_pre, activation)  # [T*k, Hb]
     dup = dhidden * act if gated else None
     del dhidden, act
-
-    dw1p = x2d.new_zeros(H, d)
-    dwupp = x2d.new_zeros(H, d) if gated else None
-    db1p = x2d.new_zeros(H)
-    dbupp = x2d.new_zeros(H) if gated else None
-    dx_pairs = x2d.new_empty(T * k, d)                                         # [T*k, d] grouped
-    for e, lo, hi in blocks:
-        rows = slice(e * Hb, (e + 1) * Hb)
-        xe = x2d.index_select(0, tokens[lo:hi])                                # [n_e, d]
-        torch.mm(dpre[lo:hi].t(), xe, out=dw1p[rows])
-        db1p[rows] = dpre[lo:hi].sum(0)
-        torch.mm(dpre[lo:hi], w1p[rows], out=dx_pairs[lo:hi])
-        if gated:
-            torch.mm(dup[lo:hi].t(), xe, out=dwupp[rows])
-            dbupp[rows] = dup[lo:hi].sum(0)
-            dx_pairs[lo:hi].addmm_(dup[lo:hi], wup[rows])
+    dw1 = zeros_for_unused((H, d)) if n_w1 else None
+    dwup = zeros_for_unused((H, d)) if n_wup else None
+    db1 = zeros_for_unused((H,)) if n_b1 else None
+    dbup = zeros_for_unused((H,)) if n_bup else None
     acc = _acc_dtype(x2d.dtype)
-    dx = torch.zeros(T, d, dtype=acc).index_add_(0, tokens, dx_pairs.to(acc)).to(x2d.dtype)
-    return dw1p, db1p, dwupp, dbupp, dw2pt.t(), dx
+    dx = x2d.new_zeros(T, d, dtype=acc) if n_x else None
+    for nrn, lo, hi, tok in blocks.used:
+        if n_w1 or n_wup:
+            xe = x2d.index_select(0, tok)                                      # [n_e, d]
+            if n_w1:
+                dw1.index_copy_(0, nrn, dpre[lo:hi].t().mm(xe))                # [Hb, d]
+            if n_wup:
+                dwup.index_copy_(0, nrn, dup[lo:hi].t().mm(xe))
+        if n_b1:
+            db1.index_copy_(0, nrn, dpre[lo:hi].sum(0))
+        if n_bup:
+            dbup.index_copy_(0, nrn, dup[lo:hi].sum(0))
+        if n_x:
+            dxe = dpre[lo:hi].mm(w1.index_select(0, nrn))                      # [n_e, d]
+            if gated:
+                dxe.addmm_(dup[lo:hi], w_up.index_select(0, nrn))
+            dx.index_add_(0, tok, dxe.to(acc))
+    return (dx.to(x2d.dtype) if n_x else None), dw1, db1, dwup, dbup, dw2, db2
