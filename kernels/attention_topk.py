@@ -153,8 +153,8 @@ def _topk_kernel(
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
     # key = (BLOCK_D, dtype name). The q tile, k_hat tile, the [BM, BN] keys and the 16 unrolled
     # threshold counts are live together; these configs compile spill-free for sm_80/sm_90 up to
-    # BLOCK_D = 128 (64x64 on 4 or 8 warps, 16x16 on 2 or 4 warps, 16x32 on 4 warps spilled), so head dims > 128
-    # are refused.
+    # BLOCK_D = 128 (64x64 on 4 or 8 warps, 16x16 on 2 or 4 warps, 16x32 on 4 warps spilled),
+    # so head dims > 128 are refused.
     return key[0] <= 128
 
 
