@@ -20,7 +20,8 @@ from spt_compile.patterns.normalize import normalize_graph
 from spt_compile.report import DENSE, REWRITTEN, GraphRecord, Report, SiteRecord
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SITE_IDS = itertools.count()  # process-wide: keys the routed-FFN router cache of each rewritten site
+_SITE_IDS = itertools.count()
+_CONSTANT_IDS = itertools.count()  # process-wide: keys the routed-FFN router cache of each rewritten site
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, options: SptOptions, report: Report,
@@ -51,7 +52,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: SptOptions, repor
                           shape=f"x{shape_str(m.up.x)} H={m.hidden}")
         reason = m.problem or _ffn_policy(m, options, site)
         if not reason:
-            _rewrite_ffn(graph, m, options, site, weights)
+            _rewrite_ffn(gm, m, options, site, weights)
             site.status = REWRITTEN
         else:
             site.reason = reason
@@ -188,8 +189,8 @@ def _ffn_policy(m: FfnMatch, options: SptOptions, site: SiteRecord) -> str:
     return ""
 
 
-def _rewrite_ffn(graph: fx.Graph, m: FfnMatch, options: SptOptions, site: SiteRecord, weights: dict) -> None:
-    out = m.output
+def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, options: SptOptions, site: SiteRecord, weights: dict) -> None:
+    graph, out = gm.graph, m.output
     blocks, top_k = site.params["E"], site.params["k"]
     perm = _block_perm(m, blocks, options, weights, site)
     with graph.inserting_before(out):
@@ -206,8 +207,7 @@ def _rewrite_ffn(graph: fx.Graph, m: FfnMatch, options: SptOptions, site: SiteRe
         w1, w2 = weight(m.up), weight(m.down)
         w_up = weight(m.gated_up) if m.gated_up else None
         b_up = m.gated_up.bias if m.gated_up else None
-        device = val(m.up.x).device
-        perm_node = add("call_function", torch.tensor, (perm,), {"dtype": torch.int64, "device": device})
+        perm_node = _constant(gm, add, "spt_block_perm", torch.tensor(perm, dtype=torch.int64, device=val(m.up.x).device))
         op = add("call_function", torch.ops.spt.routed_ffn.default,
                  (m.up.x, w1, m.up.bias, w_up, b_up, w2, m.down.bias, perm_node, m.activation, int(blocks),
                   int(top_k), options.ffn_router, int(options.ffn_router_rank), int(options.ffn_router_refresh),
@@ -239,6 +239,22 @@ def top_k_is_all(site: SiteRecord) -> bool:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _constant(gm: fx.GraphModule, add, prefix: str, value: torch.Tensor) -> fx.Node:
+    """A tensor the rewritten graph reads, held by the graph module as a buffer (not by the user's model).
+
+    AOTAutograd lifts it into a graph input, so it lives on the device once instead of being rebuilt from a
+    Python list every call, and its storage is stable (the router cache keys on it). Dynamo graphs map every
+    lifted parameter/buffer name to a guard source: ours is a ConstantSource (nothing to guard).
+    """
+    from torch._dynamo.source import ConstantSource
+
+    name = f"_{prefix}_{next(_CONSTANT_IDS)}"
+    gm.register_buffer(name, value)
+    if hasattr(gm, "_param_name_to_source"):
+        gm._param_name_to_source[name] = ConstantSource(name)
+    return add("get_attr", name, ())
+
 
 def _placeholder_values(graph: fx.Graph, example_inputs) -> dict:
     """placeholder node -> the real tensor the user passed (parameters included), for compile-time analysis."""
