@@ -98,14 +98,8 @@ def _attention_policy(m: AttentionMatch, options: SptOptions, site: SiteRecord) 
 
 def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, options: SptOptions, site: SiteRecord) -> None:
     out = m.output
+    add = _Inserter(graph)
     with graph.inserting_before(out):
-        new: list[fx.Node] = []
-
-        def add(op, target, args, kwargs=None):
-            n = graph.create_node(op, target, tuple(args), kwargs or {})
-            new.append(n)
-            return n
-
         k = add("call_method", "transpose", (m.k, -2, -1)) if m.k_transposed else m.k
         mask = _combine_masks(m, add, val(m.q).dtype)
         scale = m.scale if m.scale is not None else 1.0 / math.sqrt(size_hint(val(m.q).shape[-1]))
@@ -121,8 +115,7 @@ def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, options: SptOptions, 
         out_dtype = val(out).dtype
         if out_dtype != val(m.q).dtype:
             result = add("call_method", "to", (result, out_dtype))
-    for n in new:
-        copy_provenance(out, n)
+    add.copy_provenance_from(out)
     out.replace_all_uses_with(result)
     _erase([out] + m.interior)
 
@@ -193,14 +186,8 @@ def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, options: SptOptions, site: Sit
     graph, out = gm.graph, m.output
     blocks, top_k = site.params["E"], site.params["k"]
     perm = _block_perm(m, blocks, options, weights, site)
+    add = _Inserter(graph)
     with graph.inserting_before(out):
-        new: list[fx.Node] = []
-
-        def add(op, target, args, kwargs=None):
-            n = graph.create_node(op, target, tuple(args), kwargs or {})
-            new.append(n)
-            return n
-
         def weight(p):
             return add("call_method", "t", (p.weight,)) if p.transposed else p.weight
 
@@ -213,8 +200,7 @@ def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, options: SptOptions, site: Sit
                   int(top_k), options.ffn_router, int(options.ffn_router_rank), int(options.ffn_router_refresh),
                   next(_SITE_IDS)))
         result = add("call_function", operator.getitem, (op, 0))
-    for n in new:
-        copy_provenance(out, n)
+    add.copy_provenance_from(out)
     out.replace_all_uses_with(result)
     _erase([out] + m.interior)
 
@@ -239,6 +225,23 @@ def top_k_is_all(site: SiteRecord) -> bool:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+class _Inserter:
+    """`add(op, target, args, kwargs)` creates a node at the graph's insertion point and remembers it, so the
+    new nodes can inherit the matched code's provenance (replace_pattern-style rewrites lose it)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph, self.nodes = graph, []
+
+    def __call__(self, op, target, args, kwargs=None) -> fx.Node:
+        n = self.graph.create_node(op, target, tuple(args), kwargs or {})
+        self.nodes.append(n)
+        return n
+
+    def copy_provenance_from(self, src: fx.Node) -> None:
+        for n in self.nodes:
+            copy_provenance(src, n)
+
 
 def _constant(gm: fx.GraphModule, add, prefix: str, value: torch.Tensor) -> fx.Node:
     """A tensor the rewritten graph reads, held by the graph module as a buffer (not by the user's model).
