@@ -257,3 +257,40 @@ def test_bad_arguments_raise_value_error(change, match):
     a.update(change)
     with pytest.raises(ValueError, match=match):
         OP(*a.values())
+
+
+@pytest.mark.parametrize("k", [2, 4])  # sparse and exact mode (E = 4)
+@pytest.mark.parametrize("frozen", [("w1", "w_up", "w2"), ("x", "b1"), ("w2", "b2")])
+def test_frozen_inputs_get_no_grad_and_the_rest_is_unchanged(frozen, k):
+    """Fine-tuning with frozen base weights: the op computes only the gradients autograd asks for, and those
+    equal the all-trainable run's."""
+    T, d, H, E = 6, 8, 16, 4
+    x, p = make(T, d, H, 8, gated=True, bias=True, seed=3)
+    perm = torch.randperm(H, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(T, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    xa, pa = leaves(x, p)
+    y, *_ = run_op(xa, pa, perm, "silu", E, k, site=11)
+    y.backward(dy)
+    xf, pf = leaves(x, p)
+    for name in frozen:
+        (xf if name == "x" else pf[name]).requires_grad_(False)
+    y2, *_ = run_op(xf, pf, perm, "silu", E, k, site=11)
+    y2.backward(dy)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    for name, (a, b) in {"x": (xf, xa), **{n: (pf[n], pa[n]) for n in p}}.items():
+        if name in frozen:
+            assert a.grad is None, name
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_single_token_leaves_the_bias_untouched():
+    """T == 1 once wrote into the user's b2 (b2.expand(...).contiguous() is a view of b2)."""
+    x, p = make(1, 8, 16, 8, gated=False, bias=True, seed=5)
+    b2 = p["b2"].clone()
+    perm = torch.arange(16)
+    for k in (2, 4):
+        y, block_ids, _, _ = run_op(x, p, perm, "gelu", 4, k, site=12)
+        assert torch.equal(p["b2"], b2)
+        expected = masked_dense(x, p, perm, "gelu", 4, block_ids if k < 4 else None)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
