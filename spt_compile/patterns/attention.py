@@ -23,9 +23,6 @@ from torch import fx
 from spt_compile.patterns import normalize as N
 from spt_compile.patterns.graph_utils import const_number, is_binary, is_call, is_cast, val
 
-_MASK_FILL_LIMIT = -1e30  # a fill value at or below this is "masked out"; -inf gives a boolean mask
-
-
 @dataclasses.dataclass
 class AttentionMatch:
     output: fx.Node                 # the node whose value the op replaces: [B, H, Nq, Dv]
@@ -201,12 +198,13 @@ def _match_eager(pv: fx.Node) -> AttentionMatch | None:
 
 
 def _add_fill_mask(m: AttentionMatch, cond, keep: bool, fill: float, acc: float) -> bool:
-    """S <- where(keep ? cond : ~cond, S, fill)."""
+    """S <- where(keep ? cond : ~cond, S, fill). A -inf fill is a boolean mask; a finite fill (HF's finfo.min)
+    is kept as the additive bias where(cond, 0, fill), which is what it computes (fully masked rows included)."""
     if not isinstance(cond, fx.Node) or val(cond) is None or val(cond).dtype != torch.bool:
         return False
     if fill == -math.inf:
         m.bool_masks.append((cond, keep))
-    elif fill <= _MASK_FILL_LIMIT or math.isfinite(fill):
+    elif math.isfinite(fill):
         m.where_bias.append((cond, keep, fill, acc))
     else:
         return False
