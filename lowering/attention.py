@@ -19,20 +19,11 @@ from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_DOC = """PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B, H, Nq, L] int32, lse [B, H, Nq] fp32).
-
-1. PQ of keys: split D into M = pq_subspaces slices; per (batch, kv head, slice) fit C = pq_centroids centroids by
-   a few Lloyd iterations with deterministic init. Each key gets M codes.
-2. s~(i,j) = scale * sum_m <q_i slice m, centroid of key j's code in slice m> + additive bias.
-3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
-   L_i = min(allowed_i, max(1, ceil(density * N_keys))).
-4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
-5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
-GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
-
+_DOC = ("PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B, H, Nq, L] int32, "
+        "lse [B, H, Nq] fp32).\n\n" + ref.SEMANTICS + """
 Exact mode (L >= Nk) skips PQ: idx lists every allowed key. idx and lse are auxiliary outputs without
 gradient; the mask gets no gradient. seed: int64 0-dim tensor, required when dropout_p > 0.
-"""
+""")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, options: SptOptions, 
     add = _Inserter(graph)
     with graph.inserting_before(out):
         k = add("call_method", "transpose", (m.k, -2, -1)) if m.k_transposed else m.k
-        mask = _combine_masks(m, add, val(m.q).dtype)
+        mask = _combine_masks(m, add)
         scale = m.scale if m.scale is not None else 1.0 / math.sqrt(size_hint(val(m.q).shape[-1]))
         seed = None
         if m.dropout_p > 0:
@@ -120,7 +120,7 @@ def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, options: SptOptions, 
     _erase([out] + m.interior)
 
 
-def _combine_masks(m: AttentionMatch, add, dtype):
+def _combine_masks(m: AttentionMatch, add):
     """One mask tensor for the op: bool (True = attend) when only boolean masks, else an additive bias."""
     bools = []
     for cond, keep in m.bool_masks:
@@ -208,7 +208,7 @@ def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, options: SptOptions, site: Sit
 def _block_perm(m: FfnMatch, blocks: int, options: SptOptions, weights: dict, site: SiteRecord) -> list[int]:
     hidden = size_hint(m.hidden)
     w = weights.get(m.up.weight)
-    if not options.ffn_cluster or blocks == 1 or top_k_is_all(site):
+    if not options.ffn_cluster or blocks == 1 or site.params.get("mode") == "exact":
         return list(range(hidden))
     if w is None:
         site.reason = (site.reason + "; " if site.reason else "") + "weights unknown at compile time: contiguous blocks"
@@ -218,10 +218,6 @@ def _block_perm(m: FfnMatch, blocks: int, options: SptOptions, weights: dict, si
     w1 = w.detach().t() if m.up.transposed else w.detach()
     site.params["clustered"] = True
     return compute_block_perm(w1, blocks, cluster=True).tolist()
-
-
-def top_k_is_all(site: SiteRecord) -> bool:
-    return site.params.get("mode") == "exact"
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -1,14 +1,6 @@
 """Plain-PyTorch reference of torch.ops.spt.pq_sparse_attention, one function per stage of docs/OPS.md.
 
-Semantics (the same text is the op's docstring):
-1. PQ of keys: split D into M = pq_subspaces slices; per (batch, kv head, slice) fit C = pq_centroids
-   centroids by a few Lloyd iterations with deterministic init. Each key gets M codes.
-2. s~(i,j) = scale * sum_m <q_i slice m, centroid of key j's code in slice m> + additive bias.
-3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
-   L_i = min(allowed_i, max(1, ceil(density * N_keys))).
-4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
-5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
-GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
+Semantics: SEMANTICS below (also the op's docstring).
 
 Reference choices the Triton kernels (kernels/pq.py, attention_*.py) must match:
 - k-means init: the centroids of a (batch, kv head, slice) are the key slices at positions
@@ -28,6 +20,16 @@ tiles, slot weights summed onto keys), saved memory is the op's O(N * L) idx, an
 allocated except in exact mode's index list, which is that size by definition.
 """
 from __future__ import annotations
+
+SEMANTICS = """1. PQ of keys: split D into M = pq_subspaces slices; per (batch, kv head, slice) fit C = pq_centroids
+   centroids by a few Lloyd iterations with deterministic init. Each key gets M codes.
+2. s~(i,j) = scale * sum_m <q_i slice m, centroid of key j's code in slice m> + additive bias.
+3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
+   L_i = min(allowed_i, max(1, ceil(density * N_keys))).
+4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
+5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
+GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
+"""
 
 import math
 

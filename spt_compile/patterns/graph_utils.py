@@ -1,7 +1,6 @@
 """Small helpers over Dynamo FX nodes: example values, provenance, constants."""
 from __future__ import annotations
 
-import operator
 import re
 
 import torch
@@ -17,11 +16,6 @@ def val(node) -> torch.Tensor | None:
         return None
     v = node.meta.get("example_value", node.meta.get("val"))
     return v if isinstance(v, torch.Tensor) else None
-
-
-def ndim(node) -> int | None:
-    v = val(node)
-    return None if v is None else v.dim()
 
 
 def shape_str(node) -> str:
@@ -108,15 +102,3 @@ def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
         if key in src.meta and key not in dst.meta:
             dst.meta[key] = src.meta[key]
-
-
-def only_used_by(nodes: set[fx.Node], allowed_users: set[fx.Node]) -> fx.Node | None:
-    """The first node in `nodes` with a user outside `allowed_users`, else None."""
-    for n in nodes:
-        for u in n.users:
-            if u not in allowed_users:
-                return n
-    return None
-
-
-GETITEM = operator.getitem
