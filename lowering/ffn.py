@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from spt_compile.lowering.formulas import ffn_top_k
 from spt_compile.lowering import router as _router
 from spt_compile.lowering.neuron_blocks import compute_block_perm
 from spt_compile.lowering.reference import routed_ffn as _ref
@@ -228,7 +229,7 @@ def routed_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    top_k = max(1, min(num_blocks, round(density * num_blocks)))
+    top_k = ffn_top_k(num_blocks, density)
     if block_perm is None:
         if w1.dim() != 2:
             raise ValueError(f"w1 must be 2-D [H, d], got shape {tuple(w1.shape)}")

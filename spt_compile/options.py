@@ -91,7 +91,8 @@ class SptOptions:
         return self.ffn_density == 1.0
 
     def ffn_top_k(self, num_blocks: int) -> int:
-        return max(1, min(num_blocks, round(self.ffn_density * num_blocks)))
+        from spt_compile.lowering.formulas import ffn_top_k
+        return ffn_top_k(num_blocks, self.ffn_density)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

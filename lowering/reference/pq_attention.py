@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor
 
+from spt_compile.lowering.formulas import attention_keys_kept
+
 # Largest transient tile per query chunk, in elements (16 MiB of fp32; a chunk keeps a few such tiles alive):
 # big enough that per-chunk Python overhead is negligible, small enough that sequence length does not grow the
 # working set.
@@ -43,10 +45,8 @@ _CHUNK_ELEMS = 1 << 22
 
 
 def num_kept(nk: int, density: float) -> int:
-    """L = max(1, ceil(density * Nk)): the number of key slots per query (docs/OPS.md).
-
-    Everyone who needs L (op, fake impl, compiler report) calls this, so they agree bit for bit."""
-    return max(1, math.ceil(density * nk))
+    """L per query (docs/OPS.md); the formula lives in lowering/formulas.py."""
+    return attention_keys_kept(nk, density)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
