@@ -3,11 +3,17 @@
 sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed)
     -> (dq, dk, dv)
 
-With P_ij = exp(s_ij - lse_i) recomputed from lse, Z_ij the replayed dropout mask (scaled by
-1/(1-p)), delta_i = sum_j P_ij dP_ij (= dout_i . out_i, but in fp32 over the kept keys):
+With P_ij = exp(s_ij - m_i) / l_i, Z_ij the replayed dropout mask (scaled by 1/(1-p)),
+delta_i = sum_j P_ij dP_ij (= dout_i . out_i, but in fp32 over the kept keys):
     dP_ij = Z_ij * dout_i . v_j,   dS_ij = P_ij (dP_ij - delta_i)
     dq_i = scale * sum_j dS_ij k_j,   dk_j = scale * sum_i dS_ij q_i,   dv_j = sum_i P_ij Z_ij dout_i
 (GQA: dk/dv of a kv head sum over the query heads of its group.)
+
+The row normaliser (max m_i and sum l_i over the kept keys) is recomputed by the dQ kernel's online pass,
+like the reference, never read back as exp(s - lse): in a row whose keys all carry a finite finfo.min-sized
+bias (padding masks), lse = m + log(l) rounds to m (log l is below m's ulp), so exp(s - lse) would give every
+key P = 1 instead of eager's uniform 1/l. The dQ kernel stores (m_i, 1/l_i) and delta_i for the dK/dV kernel;
+`lse` is checked but not read. A row without kept keys has l = 0: P = 0, zero gradients.
 
 Two ways to get dK/dV (DKV_MODE / the `dkv_mode` argument):
   "sorted" (default) - the transposed index: every valid (query, slot) pair is keyed by its global
@@ -40,8 +46,37 @@ DKV_MODE = "sorted"
 
 
 @triton.jit
+def _row_stats(q, k_base, v_base, bias_row, idx_row, i, Nk, L, scale, do, seed, row, dropout_p,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mj, offs_l, offs_d, offs_dv, D, DV,
+               HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(m, 1/l, delta) of query row i over its kept keys, by an online pass (the atomic mode's first pass)."""
+    m_i = float("-inf")
+    l_i = 0.0
+    c_i = 0.0                                    # sum_j e_j dP_j, rescaled with l_i
+    for l0 in range(0, L, BLOCK_L):
+        j, ok, jj, kt, s = _gather_scores(q, k_base, bias_row, idx_row, l0, i, Nk, L, scale,
+                                          stride_kn, stride_kd, stride_mj, offs_l, offs_d, D,
+                                          HAS_MASK, IS_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        e = tl.exp(s - m_safe)                                              # [BL], 0 where not ok
+        vt = tl.load(v_base + jj[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     mask=ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+        dp = tl.sum(do[None, :] * vt, axis=1)
+        if DROPOUT:
+            r = tl.rand(seed, row * L + l0 + offs_l)
+            dp = tl.where(r >= dropout_p, dp / (1.0 - dropout_p), 0.0)
+        l_i = l_i * alpha + tl.sum(e, axis=0)
+        c_i = c_i * alpha + tl.sum(e * dp, axis=0)
+        m_i = m_new
+    inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
+    return tl.where(m_i == float("-inf"), 0.0, m_i), inv_l, c_i * inv_l
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, bias_ptr, seed_ptr, dout_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, bias_ptr, seed_ptr, dout_ptr, stats_ptr, delta_ptr,
     dq_ptr, dk_acc_ptr, dv_acc_ptr,
     H, Hkv, Nq, Nk, L, D, DV, scale, dropout_p,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -69,67 +104,72 @@ def _bwd_dq_kernel(
                 mask=d_ok, other=0.0).to(tl.float32)                         # [BD]
     do = tl.load(dout_ptr + b * stride_ob + h * stride_oh + i * stride_on + offs_dv * stride_od,
                  mask=dv_ok, other=0.0).to(tl.float32)                       # [BDV]
-    lse = tl.load(lse_ptr + row)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a row has no allowed key: every p is 0
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_row = bias_ptr + b * stride_mb + h * stride_mh + i * stride_mi
     idx_row = idx_ptr + row * L
     kv_row0 = (b * Hkv + hk) * Nk                # row of key 0 in the contiguous fp32 dk/dv buffers
+    seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
     if ATOMIC:
-        # dK/dV atomics need dS_ij = P_ij (dP_ij - delta_i) per slot, so delta comes first (own pass)
-        delta = 0.0
-        for l0 in range(0, L, BLOCK_L):
-            j, ok, jj, kt, s = _gather_scores(q, k_base, bias_row, idx_row, l0, i, Nk, L, scale,
-                                              stride_kn, stride_kd, stride_mj, offs_l, offs_d, D,
-                                              HAS_MASK, IS_CAUSAL)
-            p = tl.where(ok, tl.exp(s - lse), 0.0)
-            vt = tl.load(v_base + jj[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                         mask=ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-            dp = tl.sum(do[None, :] * vt, axis=1)
-            if DROPOUT:
-                r = tl.rand(seed, row * L + l0 + offs_l)
-                dp = tl.where(r >= dropout_p, dp / (1.0 - dropout_p), 0.0)
-            delta += tl.sum(p * dp, axis=0)
-    # one pass: dq_i = scale * (sum_j P dP k_j - delta_i * sum_j P k_j), delta_i = sum_j P dP
-    pdpk = tl.zeros([BLOCK_D], tl.float32)
-    pk = tl.zeros([BLOCK_D], tl.float32)
-    pdp = 0.0
+        # dK/dV atomics need the final P_ij and delta_i per slot, so the row statistics come first (own pass)
+        m_fin, inv_fin, delta_fin = _row_stats(q, k_base, v_base, bias_row, idx_row, i, Nk, L, scale, do, seed,
+                                               row, dropout_p, stride_kn, stride_kd, stride_vn, stride_vd,
+                                               stride_mj, offs_l, offs_d, offs_dv, D, DV,
+                                               HAS_MASK, IS_CAUSAL, DROPOUT, BLOCK_L)
+    # one online pass (rescaled like the forward): with e_j = exp(s_j - m), l = sum_j e_j, P_j = e_j / l,
+    #   dq_i = scale * (sum_j e dP k_j - delta_i * sum_j e k_j) / l,   delta_i = sum_j e dP / l
+    m_i = float("-inf")
+    l_i = 0.0
+    edpk = tl.zeros([BLOCK_D], tl.float32)
+    ek = tl.zeros([BLOCK_D], tl.float32)
+    edp = 0.0
     for l0 in range(0, L, BLOCK_L):
         j, ok, jj, kt, s = _gather_scores(q, k_base, bias_row, idx_row, l0, i, Nk, L, scale,
                                           stride_kn, stride_kd, stride_mj, offs_l, offs_d, D,
                                           HAS_MASK, IS_CAUSAL)
-        p = tl.where(ok, tl.exp(s - lse), 0.0)                              # [BL]
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all -inf so far: keep exp() finite
+        alpha = tl.exp(m_i - m_safe)
+        e = tl.exp(s - m_safe)                                              # [BL], 0 where not ok
         vt = tl.load(v_base + jj[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BL, BDV]
         dp = tl.sum(do[None, :] * vt, axis=1)                               # [BL]
-        pz = p
+        zs = 1.0
         if DROPOUT:
             r = tl.rand(seed, row * L + l0 + offs_l)
             zs = tl.where(r >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
             dp = dp * zs
-            pz = p * zs
-        pdpk += tl.sum((p * dp)[:, None] * kt, axis=0)
-        pk += tl.sum(p[:, None] * kt, axis=0)
-        pdp += tl.sum(p * dp, axis=0)
+        l_i = l_i * alpha + tl.sum(e, axis=0)
+        edpk = edpk * alpha + tl.sum((e * dp)[:, None] * kt, axis=0)
+        ek = ek * alpha + tl.sum(e[:, None] * kt, axis=0)
+        edp = edp * alpha + tl.sum(e * dp, axis=0)
+        m_i = m_new
         if ATOMIC:
-            ds = p * (dp - delta)                                           # [BL]
+            p = tl.where(ok, tl.exp(s - m_fin) * inv_fin, 0.0)
+            ds = p * (dp - delta_fin)                                       # [BL]
             rows = kv_row0 + jj
             tl.atomic_add(dk_acc_ptr + rows[:, None] * D + offs_d[None, :],
                           (scale * ds)[:, None] * q[None, :], mask=ok[:, None] & d_ok[None, :])
             tl.atomic_add(dv_acc_ptr + rows[:, None] * DV + offs_dv[None, :],
-                          pz[:, None] * do[None, :], mask=ok[:, None] & dv_ok[None, :])
-    dq = pdpk - pdp * pk
-    tl.store(delta_ptr + row, pdp)  # for the dK/dV kernel
+                          (p * zs)[:, None] * do[None, :], mask=ok[:, None] & dv_ok[None, :])
+    # a row without kept keys has l = 0: every P is 0, so are its dq and its share of dk/dv
+    inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
+    delta = edp * inv_l
+    dq = (edpk - delta * ek) * inv_l
+    # the dK/dV kernel's normaliser: P_ij = exp(s_ij - m_i) / l_i (never exp(s - lse), see the module doc)
+    # stats [B*H*Nq, 2] = (m_i, 1/l_i) interleaved: the dK/dV kernel gathers both with one 8-byte load
+    tl.store(stats_ptr + row * 2, tl.where(m_i == float("-inf"), 0.0, m_i))
+    tl.store(stats_ptr + row * 2 + 1, inv_l)
+    tl.store(delta_ptr + row, delta)
     tl.store(dq_ptr + row * D + offs_d, (dq * scale).to(dq_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
 def _bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, seed_ptr, dout_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, seed_ptr, dout_ptr, stats_ptr, delta_ptr,
     pairs_ptr, offsets_ptr, dk_ptr, dv_ptr,
     H, Hkv, Nq, Nk, L, D, DV, scale, dropout_p,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -185,9 +225,11 @@ def _bwd_dkv_kernel(
                            mask=ok, other=float("-inf"))
             ok = ok & (bias > float("-inf")) & (bias < float("inf"))
             s = s + bias
-        lse = tl.load(lse_ptr + row, mask=ok, other=0.0)
+        stats = tl.load(stats_ptr + row[:, None] * 2 + tl.arange(0, 2)[None, :], mask=ok[:, None],
+                        other=0.0)                                          # [BP, 2] = (m_i, 1/l_i)
+        m_row, inv_l = tl.split(stats)
         delta = tl.load(delta_ptr + row, mask=ok, other=0.0)
-        p = tl.where(ok, tl.exp(s - lse), 0.0)                              # [BP]
+        p = tl.where(ok, tl.exp(s - m_row) * inv_l, 0.0)                    # [BP]
         dp = tl.sum(dot * vj[None, :], axis=1)
         pz = p
         if DROPOUT:
@@ -236,8 +278,9 @@ def _sig_common(dt: str) -> dict:
 
 def _aot_sig_dq(dt: str) -> dict:
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "idx_ptr": "*i32",
-           "bias_ptr": "*fp32", "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "lse_ptr": "*fp32",
-           "delta_ptr": "*fp32", "dq_ptr": f"*{dt}", "dk_acc_ptr": "*fp32", "dv_acc_ptr": "*fp32"}
+           "bias_ptr": "*fp32", "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "stats_ptr": "*fp32",
+           "delta_ptr": "*fp32", "dq_ptr": f"*{dt}", "dk_acc_ptr": "*fp32",
+           "dv_acc_ptr": "*fp32"}
     sig.update(_sig_common(dt))
     sig.update({n: "constexpr" for n in ("HAS_MASK", "IS_CAUSAL", "DROPOUT", "ATOMIC",
                                          "BLOCK_L", "BLOCK_D", "BLOCK_DV")})
@@ -246,8 +289,8 @@ def _aot_sig_dq(dt: str) -> dict:
 
 def _aot_sig_dkv(dt: str) -> dict:
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bias_ptr": "*fp32",
-           "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-           "pairs_ptr": "*i64", "offsets_ptr": "*i64", "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}"}
+           "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "stats_ptr": "*fp32", "delta_ptr": "*fp32", "pairs_ptr": "*i64", "offsets_ptr": "*i64", "dk_ptr": f"*{dt}",
+           "dv_ptr": f"*{dt}"}
     sig.update(_sig_common(dt))
     sig.update({n: "constexpr" for n in ("HAS_MASK", "IS_CAUSAL", "DROPOUT",
                                          "BLOCK_P", "BLOCK_D", "BLOCK_DV")})
@@ -307,14 +350,14 @@ def sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, sca
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     bias, ms = mask_as_bias(mask, (B, H, Nq, Nk))
     idx = idx.to(torch.int32).contiguous()
-    lse = lse.to(torch.float32).contiguous()
     # delta_i = sum_j P_ij dP_ij, written by the dQ kernel: computed in fp32 from the kept keys it
     # equals dout_i . out_i without the rounding of out to q.dtype (which, for bf16, made dq/dk several
-    # times less accurate than torch's own bf16 autograd)
+    # times less accurate than torch's own bf16 autograd). m_i and 1/l_i: the row normaliser (module doc).
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, H, Nq, 2), dtype=torch.float32, device=q.device)
     dropout = float(dropout_p) > 0
-    seed_t = seed_tensor(seed, q.device) if dropout else lse
-    bias_t = bias if bias is not None else lse
+    seed_t = seed_tensor(seed, q.device) if dropout else delta
+    bias_t = bias if bias is not None else delta
     BD, BDV = block_d(D), block_d(DV)
     flags = dict(HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout,
                  BLOCK_D=BD, BLOCK_DV=BDV)
@@ -325,10 +368,10 @@ def sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, sca
         dk_acc = torch.zeros((B, Hkv, Nk, D), dtype=torch.float32, device=q.device)
         dv_acc = torch.zeros((B, Hkv, Nk, DV), dtype=torch.float32, device=q.device)
     else:
-        dk_acc = dv_acc = lse  # unused
+        dk_acc = dv_acc = delta  # unused
     cfg = autotune.get_config(KERNEL_DQ, (BD, BDV, dtype_name(q.dtype)))
     _bwd_dq_kernel[(B * H * Nq,)](
-        q, k, v, idx, bias_t, seed_t, dout, lse, delta, dq, dk_acc, dv_acc, *common,
+        q, k, v, idx, bias_t, seed_t, dout, stats, delta, dq, dk_acc, dv_acc, *common,
         ATOMIC=atomic, **flags, **cfg.kwargs())
     if atomic:
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
@@ -338,7 +381,7 @@ def sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, sca
     dv = torch.empty((B, Hkv, Nk, DV), dtype=v.dtype, device=q.device)
     cfg = autotune.get_config(KERNEL_DKV, (BD, BDV, dtype_name(q.dtype)))
     _bwd_dkv_kernel[(B * Hkv * Nk,)](
-        q, k, v, bias_t, seed_t, dout, lse, delta, pairs, offsets, dk, dv, *common,
+        q, k, v, bias_t, seed_t, dout, stats, delta, pairs, offsets, dk, dv, *common,
         **flags, **cfg.kwargs())
     return dq, dk, dv
 

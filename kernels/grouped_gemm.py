@@ -112,10 +112,27 @@ def _tile_of(pid, offsets_ptr, NUM_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_E: tl.co
 
 # ----------------------------------------------------------------------------- forward kernels
 @triton.jit
+def _adapter_dot(acc, u_ptr, tok, rmask, lb_ptr, neur, cmask, R, stride_lbn, stride_lbk,
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += u[tok] @ lb[neur]^T: a LoRA term's extra K loop over its rank R (u [T, R] contiguous, pre-scaled)."""
+    u_rows = u_ptr + tok * R
+    for k0 in range(0, R, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < R
+        a = tl.load(u_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)   # [BM, BK]
+        w = tl.load(lb_ptr + neur[None, :] * stride_lbn + ks[:, None] * stride_lbk,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)                                 # [BK, BN]
+        acc = _dot(a, w, acc, PREC)
+    return acc
+
+
+@triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, wu_ptr, bu_ptr, perm_ptr, order_ptr, offsets_ptr,
-               hpre_ptr, hup_ptr, hid_ptr,
+               hpre_ptr, hup_ptr, hid_ptr, lu1_ptr, lb1_ptr, luu_ptr, lbu_ptr,
                D, HB, NUM_BLOCKS, TOP_K, stride_xm, stride_xk, stride_w1n, stride_w1k, stride_wun, stride_wuk,
+               R1, RU, stride_lb1n, stride_lb1k, stride_lbun, stride_lbuk,
                ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr, HAS_BU: tl.constexpr,
+               LORA1: tl.constexpr, LORA_UP: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                PREC: tl.constexpr):
     e, row0, row_end = _tile_of(tl.program_id(0), offsets_ptr, NUM_BLOCKS, BLOCK_M, BLOCK_E)
@@ -141,6 +158,12 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, wu_ptr, bu_ptr, perm_ptr, order_ptr, offse
         if GATED:
             wu = tl.load(wu_ptr + neur[None, :] * stride_wun + ks[:, None] * stride_wuk, mask=wmask, other=0.0)
             acc_u = _dot(a, wu, acc_u, PREC)
+    if LORA1:  # + s1·B1_e·(A1 x): lu1 holds s1·A1·x [T, R1], computed once for all blocks
+        acc = _adapter_dot(acc, lu1_ptr, tok, rmask, lb1_ptr, neur, cmask, R1, stride_lb1n, stride_lb1k,
+                           BLOCK_K, PREC)
+    if LORA_UP:
+        acc_u = _adapter_dot(acc_u, luu_ptr, tok, rmask, lbu_ptr, neur, cmask, RU, stride_lbun, stride_lbuk,
+                             BLOCK_K, PREC)
     if HAS_B1:
         acc += tl.load(b1_ptr + neur, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out_ty = hpre_ptr.dtype.element_ty
@@ -207,11 +230,14 @@ def _pair_sum_kernel(part_ptr, bias_ptr, out_ptr, T, N, TOP_K,
 # ----------------------------------------------------------------------------- backward kernels
 @triton.jit
 def _dhidden_kernel(dy_ptr, w2_ptr, perm_ptr, order_ptr, offsets_ptr, hpre_ptr, hup_ptr, dhpre_ptr, dhup_ptr,
+                    dv_ptr, a2_ptr,
                     DOUT, HB, NUM_BLOCKS, TOP_K, stride_dym, stride_dyk, stride_w2n, stride_w2h,
-                    ACT: tl.constexpr, GATED: tl.constexpr,
+                    R2, stride_a2r, stride_a2h,
+                    ACT: tl.constexpr, GATED: tl.constexpr, LORA2: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                     PREC: tl.constexpr):
-    """dhidden = dy[tok] @ w2[:, neur_e]; dh_pre = dhidden * act'(h_pre) (* h_up); dh_up = dhidden * act(h_pre)."""
+    """dhidden = dy[tok] @ w2[:, neur_e] (+ dv[tok] @ a2[:, neur_e], the down adapter: dv = s2·dy·B2 [T, R2]);
+    dh_pre = dhidden * act'(h_pre) (* h_up); dh_up = dhidden * act(h_pre)."""
     e, row0, row_end = _tile_of(tl.program_id(0), offsets_ptr, NUM_BLOCKS, BLOCK_M, BLOCK_E)
     if e >= NUM_BLOCKS:
         return
@@ -231,6 +257,8 @@ def _dhidden_kernel(dy_ptr, w2_ptr, perm_ptr, order_ptr, offsets_ptr, hpre_ptr, 
         w = tl.load(w2_ptr + ks[:, None] * stride_w2n + neur[None, :] * stride_w2h,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)                 # [BK, BN]
         acc = _dot(g, w, acc, PREC)
+    if LORA2:  # a2 [R2, H] read as the "B" of an adapter term: lb[neur, r] = a2[r, neur]
+        acc = _adapter_dot(acc, dv_ptr, tok, rmask, a2_ptr, neur, cmask, R2, stride_a2h, stride_a2r, BLOCK_K, PREC)
     offs = rows.to(tl.int64)[:, None] * HB + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     out_ty = dhpre_ptr.dtype.element_ty
@@ -377,9 +405,11 @@ _TILE = "BLOCK_M:c BLOCK_N:c BLOCK_K:c"
 # the heaviest variant of each kernel (gated, biased, gelu_tanh) is the one compiled ahead of time
 _aot("ffn_up", _up_kernel, _args(
     "x_ptr:x w1_ptr:x b1_ptr:x wu_ptr:x bu_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 hpre_ptr:x "
-    "hup_ptr:x hid_ptr:x D:i HB:i NUM_BLOCKS:i TOP_K:i stride_xm:i stride_xk:i stride_w1n:i stride_w1k:i "
-    f"stride_wun:i stride_wuk:i ACT:c GATED:c HAS_B1:c HAS_BU:c {_TILE} BLOCK_E:c PREC:c"),
-    {"ACT": 2, "GATED": True, "HAS_B1": True, "HAS_BU": True, "BLOCK_E": _AOT_BLOCK_E})
+    "hup_ptr:x hid_ptr:x lu1_ptr:x lb1_ptr:x luu_ptr:x lbu_ptr:x D:i HB:i NUM_BLOCKS:i TOP_K:i stride_xm:i "
+    "stride_xk:i stride_w1n:i stride_w1k:i stride_wun:i stride_wuk:i R1:i RU:i stride_lb1n:i stride_lb1k:i "
+    f"stride_lbun:i stride_lbuk:i ACT:c GATED:c HAS_B1:c HAS_BU:c LORA1:c LORA_UP:c {_TILE} BLOCK_E:c PREC:c"),
+    {"ACT": 2, "GATED": True, "HAS_B1": True, "HAS_BU": True, "LORA1": True, "LORA_UP": True,
+     "BLOCK_E": _AOT_BLOCK_E})
 _aot("ffn_down", _down_kernel, _args(
     "a_ptr:x w_ptr:x a2_ptr:x w2_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 out_ptr:f32 N:i HB:i "
     f"NUM_BLOCKS:i stride_wn:i stride_wk:i stride_w2n:i stride_w2k:i TWO:c {_TILE} BLOCK_E:c PREC:c"),
@@ -389,9 +419,9 @@ _aot("ffn_pair_sum", _pair_sum_kernel, _args(
     {"HAS_BIAS": True})
 _aot("ffn_dhidden", _dhidden_kernel, _args(
     "dy_ptr:x w2_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 hpre_ptr:x hup_ptr:x dhpre_ptr:x dhup_ptr:x "
-    "DOUT:i HB:i NUM_BLOCKS:i TOP_K:i stride_dym:i stride_dyk:i stride_w2n:i stride_w2h:i "
-    f"ACT:c GATED:c {_TILE} BLOCK_E:c PREC:c"),
-    {"ACT": 2, "GATED": True, "BLOCK_E": _AOT_BLOCK_E})
+    "dv_ptr:x a2_ptr:x DOUT:i HB:i NUM_BLOCKS:i TOP_K:i stride_dym:i stride_dyk:i stride_w2n:i stride_w2h:i "
+    f"R2:i stride_a2r:i stride_a2h:i ACT:c GATED:c LORA2:c {_TILE} BLOCK_E:c PREC:c"),
+    {"ACT": 2, "GATED": True, "LORA2": True, "BLOCK_E": _AOT_BLOCK_E})
 _aot("ffn_dw_in", _dw_in_kernel, _args(
     "dh_ptr:x dh2_ptr:x x_ptr:x perm_ptr:i64 order_ptr:i32 offsets_ptr:i32 dw_ptr:x dw2_ptr:x db_ptr:x "
     f"db2_ptr:x D:i HB:i TOP_K:i stride_xm:i stride_xk:i GATED:c HAS_B:c HAS_B2:c {_TILE} PREC:c"),
@@ -466,93 +496,227 @@ def _pair_sum(part: torch.Tensor, bias, T: int, top_k: int, dtype: torch.dtype) 
     return out
 
 
-def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation, num_blocks):
-    """OPS.md stage: -> (y2d [T, d_out], h_pre [T*k, Hb], h_up [T*k, Hb] or [0]), on CUDA via Triton."""
+class _NoLora:
+    u1 = b1 = u_up = b_up = a2 = b2 = None
+    s1 = s_up = s2 = 1.0
+
+
+def _check_lora(lora, T, H, d_out, dt):
+    """lora: the op's adapters (lowering/reference/routed_ffn.Lora: u1 [T, r1] with b1 [H, r1], u_up/b_up,
+    a2 [r2, H] with b2 [d_out, r2]) or None."""
+    if lora is None:
+        return _NoLora
+    for name, t, shape in (("u1", lora.u1, (T, None)), ("b1", lora.b1, (H, None)), ("u_up", lora.u_up, (T, None)),
+                           ("b_up", lora.b_up, (H, None)), ("a2", lora.a2, (None, H)), ("b2", lora.b2, (d_out, None))):
+        if t is None:
+            continue
+        if t.dim() != 2 or any(n is not None and n != m for n, m in zip(shape, t.shape)) or t.dtype != dt:
+            raise ValueError(f"lora.{name} must be {dt} {shape} (None = any), got {t.dtype} {tuple(t.shape)}")
+    return lora
+
+
+def _scaled(u, s):
+    """s·u as a contiguous tensor (the kernels add u @ B^T unscaled: the scaling is folded into the small u)."""
+    return (u * s).contiguous() if s != 1.0 else u.contiguous()
+
+
+def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, activation, num_blocks,
+                       lora=None):
+    """OPS.md stage: -> (y2d [T, d_out], h_pre [T*k, Hb], h_up [T*k, Hb] or [0], v2 [T, r2] or [0]), on CUDA via
+    Triton. LoRA: the input adapters are an extra K loop of _up_kernel over their rank; the down adapter is one
+    more _down_kernel launch (v2 = Σ_e A2_e·hidden_e, N = r2) and a small dense GEMM s2·v2·B2ᵀ."""
     T, d, H, Hb, d_out, top_k, gated = _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids,
                                               activation, num_blocks)
+    lora = _check_lora(lora, T, H, d_out, x2d.dtype)
     E, P, dt, dev = num_blocks, T * top_k, x2d.dtype, x2d.device
     h_pre = torch.empty(P, Hb, dtype=dt, device=dev)
-    h_up = torch.empty(P if gated else 0, Hb if gated else 0, dtype=dt, device=dev)
-    if gated is False:
-        h_up = torch.empty(0, dtype=dt, device=dev)
+    h_up = torch.empty(P, Hb, dtype=dt, device=dev) if gated else torch.empty(0, dtype=dt, device=dev)
+    v2 = torch.zeros(T, lora.a2.shape[0], dtype=dt, device=dev) if lora.a2 is not None else h_pre.new_empty(0)
     if P == 0:
-        return torch.zeros(T, d_out, dtype=dt, device=dev), h_pre, h_up
+        return torch.zeros(T, d_out, dtype=dt, device=dev), h_pre, h_up, v2
     order, offsets = routing_prologue(block_ids, E)
     perm = block_perm.contiguous()
     hidden = torch.empty(P, Hb, dtype=dt, device=dev)  # act(h_pre) (* h_up), block-grouped
     tdt, prec, block_e = _TL_DTYPE[dt], _prec_of(dt), max(16, triton.next_power_of_2(E))
     b1c = b1.contiguous() if b1 is not None else h_pre
     wu, buc = (w_up, b_up.contiguous() if b_up is not None else h_pre) if gated else (w1, h_pre)
+    lu1 = _scaled(lora.u1, lora.s1) if lora.u1 is not None else h_pre
+    luu = _scaled(lora.u_up, lora.s_up) if lora.u_up is not None else h_pre
+    lb1 = lora.b1 if lora.b1 is not None else w1
+    lbu = lora.b_up if lora.b_up is not None else w1
     cfg = get_config(_kname("ffn_up", dt), C.gemm_key(tdt, P // E, Hb, d))
     _up_kernel[_row_grid(P, E, cfg, Hb)](
-        x2d, w1, b1c, wu, buc, perm, order, offsets, h_pre, h_up if gated else h_pre, hidden,
+        x2d, w1, b1c, wu, buc, perm, order, offsets, h_pre, h_up if gated else h_pre, hidden, lu1, lb1, luu, lbu,
         d, Hb, E, top_k, x2d.stride(0), x2d.stride(1), w1.stride(0), w1.stride(1), wu.stride(0), wu.stride(1),
+        lu1.shape[-1] if lora.u1 is not None else 0, luu.shape[-1] if lora.u_up is not None else 0,
+        lb1.stride(0), lb1.stride(1), lbu.stride(0), lbu.stride(1),
         ACT=ACTIVATIONS[activation], GATED=gated, HAS_B1=b1 is not None, HAS_BU=b_up is not None,
-        BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
-    part = torch.empty(P, d_out, dtype=torch.float32, device=dev)  # per-pair outputs
-    cfg = get_config(_kname("ffn_down", dt), C.gemm_key(tdt, P // E, d_out, Hb))
-    _down_kernel[_row_grid(P, E, cfg, d_out)](
-        hidden, w2, hidden, w2, perm, order, offsets, part, d_out, Hb, E,
-        w2.stride(0), w2.stride(1), w2.stride(0), w2.stride(1),
-        TWO=False, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
-    y = _pair_sum(part, b2.contiguous() if b2 is not None else None, T, top_k, dt)
-    return y, h_pre, h_up
+        LORA1=lora.u1 is not None, LORA_UP=lora.u_up is not None, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+    y = _grouped_down(hidden, w2, d_out, w2.stride(0), w2.stride(1), None, None, perm, order, offsets, E, T, top_k,
+                      b2.contiguous() if b2 is not None else None, torch.float32)     # [T, d_out] fp32
+    if lora.a2 is not None:
+        a2 = lora.a2
+        v2 = _grouped_down(hidden, a2, a2.shape[0], a2.stride(0), a2.stride(1), None, None, perm, order, offsets, E, T,
+                           top_k, None, dt)                                           # [T, r2]
+        y.addmm_(v2.float(), lora.b2.float().t(), alpha=lora.s2)
+    return y.to(dt), h_pre, h_up, v2
+
+
+def _grouped_down(a, w, N, stride_wn, stride_wk, a2, w2, perm, order, offsets, E, T, top_k, bias, out_dtype):
+    """out[t, n] = Σ over t's pairs of a[r] @ w[n, neur_e]ᵀ (+ a2[r] @ w2[n, neur_e]ᵀ) (+ bias), n < N: one
+    _down_kernel launch into per-pair fp32 rows, then the fixed-order per-token sum. w is addressed as
+    w[n, neuron] through (stride_wn, stride_wk), so [H, N] weights go in transposed (W1 for dx, B1 for du1);
+    w2 (only with a2: the gated pair of dx) is addressed the same way as w."""
+    P, Hb = a.shape
+    dt = a.dtype
+    part = torch.empty(P, N, dtype=torch.float32, device=a.device)  # per-pair outputs
+    cfg = get_config(_kname("ffn_down", dt), C.gemm_key(_TL_DTYPE[dt], P // E, N, Hb))
+    two = a2 is not None
+    _down_kernel[_row_grid(P, E, cfg, N)](
+        a, w, a2 if two else a, w2 if two else w, perm, order, offsets, part, N, Hb, E,
+        stride_wn, stride_wk, *((w2.stride(1), w2.stride(0)) if two else (0, 0)),
+        TWO=two, BLOCK_E=max(16, triton.next_power_of_2(E)), PREC=_prec_of(dt), **cfg.kwargs())
+    return _pair_sum(part, bias, T, top_k, out_dtype)
+
+
+def _bias_grad(dh, perm, offsets, E):
+    """db[neuron] = Σ over block e's grouped rows of dh[r, j] for the neurons of block e: the bias gradient
+    alone (a frozen weight with a trainable bias), as a sync-free segment sum. [H]"""
+    P, Hb = dh.shape
+    rows = torch.arange(P, device=dh.device)
+    blk = torch.searchsorted(offsets[1:].long(), rows, right=True)                # [P] block of each row
+    per_block = torch.zeros(E, Hb, dtype=torch.float32, device=dh.device).index_add_(0, blk, dh.float())
+    return torch.empty(E * Hb, dtype=dh.dtype, device=dh.device).index_copy_(0, perm, per_block.view(-1).to(dh.dtype))
+
+
+def _dw_in(dh, dh2, x, perm, order, offsets, E, top_k, with_b, with_b2, H):
+    """(dW [H, D], dW2 [H, D] or None, db [H] or None, db2 [H] or None) = Σ over each block's rows of dhᵀ·x[tok]
+    (dh2 too when given: the gated pair shares the x loads): one _dw_in_kernel launch."""
+    dt, dev, D = dh.dtype, dh.device, x.shape[1]
+    Hb = dh.shape[1]
+    dw = torch.zeros(H, D, dtype=dt, device=dev)
+    dw2 = torch.zeros(H, D, dtype=dt, device=dev) if dh2 is not None else None
+    db = torch.zeros(H, dtype=dt, device=dev) if with_b else None
+    db2 = torch.zeros(H, dtype=dt, device=dev) if with_b2 else None
+    cfg = get_config(_kname("ffn_dw_in", dt), C.gemm_key(_TL_DTYPE[dt], Hb, D, dh.shape[0] // E))
+    grid = (E, triton.cdiv(Hb, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_N"]))
+    _dw_in_kernel[grid](
+        dh, dh2 if dh2 is not None else dh, x, perm, order, offsets, dw, dw2 if dw2 is not None else dw,
+        db if db is not None else dw, db2 if db2 is not None else dw, D, Hb, top_k, x.stride(0), x.stride(1),
+        GATED=dh2 is not None, HAS_B=with_b, HAS_B2=with_b2, PREC=_prec_of(dt), **cfg.kwargs())
+    return dw, dw2, db, db2
+
+
+def _dw_out(dy, h_pre, h_up, perm, order, offsets, E, top_k, activation, H):
+    """dW [N, H] = Σ over each block's rows of dy[tok]ᵀ·hidden (hidden recomputed from h_pre, h_up)."""
+    dt, N, Hb = dy.dtype, dy.shape[1], h_pre.shape[1]
+    dw = torch.zeros(N, H, dtype=dt, device=dy.device)
+    cfg = get_config(_kname("ffn_dw_out", dt), C.gemm_key(_TL_DTYPE[dt], N, Hb, h_pre.shape[0] // E))
+    grid = (E, triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(Hb, cfg["BLOCK_N"]))
+    _dw_out_kernel[grid](
+        dy, h_pre, h_up if h_up is not None else h_pre, perm, order, offsets, dw, N, Hb, H, top_k,
+        dy.stride(0), dy.stride(1), ACT=ACTIVATIONS[activation], GATED=h_up is not None, PREC=_prec_of(dt),
+        **cfg.kwargs())
+    return dw
+
+
+_ALL_NEEDS = (True,) * 13
 
 
 def routed_ffn_backward(dy2d, x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, h_pre, h_up,
-                        activation, num_blocks):
-    """OPS.md stage: -> (dx, dw1, db1, dw_up, db_up, dw2, db2), None for absent parameters."""
+                        activation, num_blocks, needs=_ALL_NEEDS, lora=None, v2=None):
+    """OPS.md stage: -> 13 gradients (dx, dw1, db1, dw_up, db_up, dw2, db2, du1, dlb1, du_up, dlb_up, dla2, dlb2),
+    None where absent or not needed. needs (13 bools, same order; shorter = the rest False) is
+    ctx.needs_input_grad: a launch whose results nobody needs does not run (frozen weights cost nothing;
+    with a frozen base and LoRA, no base weight-gradient GEMM runs)."""
     T, d, H, Hb, d_out, top_k, gated = _check(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids,
                                               activation, num_blocks)
+    lora = _check_lora(lora, T, H, d_out, x2d.dtype)
     E, P, dt, dev = num_blocks, T * top_k, x2d.dtype, x2d.device
     if tuple(dy2d.shape) != (T, d_out) or dy2d.dtype != dt:
         raise ValueError(f"dy2d must be {dt} [{T}, {d_out}], got {dy2d.dtype} {tuple(dy2d.shape)}")
     if tuple(h_pre.shape) != (P, Hb) or (gated and tuple(h_up.shape) != (P, Hb)):
         raise ValueError(f"h_pre (and h_up when gated) must be [{P}, {Hb}], got {tuple(h_pre.shape)}, "
                          f"{tuple(h_up.shape) if h_up is not None else None}")
-    h_pre = h_pre.contiguous()
-    h_up = h_up.contiguous() if gated else h_pre
-    dx = torch.zeros(T, d, dtype=dt, device=dev)
-    dw1 = torch.zeros(H, d, dtype=dt, device=dev)
-    dw_up = torch.zeros(H, d, dtype=dt, device=dev) if gated else None
-    dw2 = torch.zeros(d_out, H, dtype=dt, device=dev)
-    db1 = torch.zeros(H, dtype=dt, device=dev) if b1 is not None else None
-    db_up = torch.zeros(H, dtype=dt, device=dev) if b_up is not None else None
-    db2 = dy2d.sum(0, dtype=torch.float32).to(dt) if b2 is not None else None  # deterministic reduction
+    present = (True, True, b1 is not None, gated, b_up is not None, True, b2 is not None,
+               lora.u1 is not None, lora.u1 is not None, lora.u_up is not None, lora.u_up is not None,
+               lora.a2 is not None, lora.a2 is not None)
+    n = tuple(bool(a) and p for a, p in zip(tuple(needs) + (False,) * (13 - len(needs)), present))
+    g = [None] * 13
+    g[6] = dy2d.sum(0, dtype=torch.float32).to(dt) if n[6] else None  # deterministic reduction
+    if lora.a2 is not None:
+        dv2 = (dy2d.mm(lora.b2) * lora.s2).contiguous()                             # [T, r2]
+        g[12] = (dy2d.float().t().mm(v2.float()) * lora.s2).to(dt) if n[12] else None
     if P == 0:
-        return dx, dw1, db1, dw_up, db_up, dw2, db2
+        return tuple(torch.zeros_like(t) if (t is not None and n[i] and g[i] is None) else g[i]
+                     for i, t in enumerate((x2d, w1, b1, w_up, b_up, w2, b2, lora.u1, lora.b1, lora.u_up,
+                                            lora.b_up, lora.a2, lora.b2)))
     order, offsets = routing_prologue(block_ids, E)
     perm = block_perm.contiguous()
-    tdt, prec, block_e, act = _TL_DTYPE[dt], _prec_of(dt), max(16, triton.next_power_of_2(E)), ACTIVATIONS[activation]
+    h_pre = h_pre.contiguous()
+    h_up = h_up.contiguous() if gated else None
+    if n[5]:
+        g[5] = _dw_out(dy2d, h_pre, h_up, perm, order, offsets, E, top_k, activation, H)
+    if n[11]:
+        g[11] = _dw_out(dv2, h_pre, h_up, perm, order, offsets, E, top_k, activation, H)   # dA2 [r2, H]
+    if any(n[i] for i in (0, 1, 2, 3, 4, 7, 8, 9, 10)):
+        dh_pre, dh_up = _dhidden(dy2d, w2, perm, order, offsets, h_pre, h_up, lora, dv2 if lora.a2 is not None
+                                 else None, E, top_k, activation)
+        _input_side_grads(g, n, x2d, w1, w_up, dh_pre, dh_up, perm, order, offsets, E, T, top_k, lora, H)
+    return tuple(g)
 
-    dh_pre = torch.empty(P, Hb, dtype=dt, device=dev)       # block-grouped, like h_pre
-    dh_up = torch.empty(P, Hb, dtype=dt, device=dev) if gated else dh_pre
-    cfg = get_config(_kname("ffn_dhidden", dt), C.gemm_key(tdt, P // E, Hb, d_out))
+
+def _dhidden(dy2d, w2, perm, order, offsets, h_pre, h_up, lora, dv2, E, top_k, activation):
+    """(dh_pre, dh_up or None) [P, Hb] block-grouped: one _dhidden_kernel launch."""
+    P, Hb = h_pre.shape
+    dt, d_out = dy2d.dtype, dy2d.shape[1]
+    gated = h_up is not None
+    dh_pre = torch.empty(P, Hb, dtype=dt, device=dy2d.device)       # block-grouped, like h_pre
+    dh_up = torch.empty(P, Hb, dtype=dt, device=dy2d.device) if gated else dh_pre
+    a2 = lora.a2 if dv2 is not None else w2
+    cfg = get_config(_kname("ffn_dhidden", dt), C.gemm_key(_TL_DTYPE[dt], P // E, Hb, d_out))
     _dhidden_kernel[_row_grid(P, E, cfg, Hb)](
-        dy2d, w2, perm, order, offsets, h_pre, h_up, dh_pre, dh_up, d_out, Hb, E, top_k,
+        dy2d, w2, perm, order, offsets, h_pre, h_up if gated else h_pre, dh_pre, dh_up,
+        dv2 if dv2 is not None else dy2d, a2, d_out, Hb, E, top_k,
         dy2d.stride(0), dy2d.stride(1), w2.stride(0), w2.stride(1),
-        ACT=act, GATED=gated, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
+        dv2.shape[1] if dv2 is not None else 0, a2.stride(0), a2.stride(1),
+        ACT=ACTIVATIONS[activation], GATED=gated, LORA2=dv2 is not None,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), PREC=_prec_of(dt), **cfg.kwargs())
+    return dh_pre, (dh_up if gated else None)
 
-    part = torch.empty(P, d, dtype=torch.float32, device=dev)  # per-pair dx rows
-    wu = w_up if gated else w1
-    cfg = get_config(_kname("ffn_down", dt), C.gemm_key(tdt, P // E, d, Hb))
-    _down_kernel[_row_grid(P, E, cfg, d)](
-        dh_pre, w1, dh_up, wu, perm, order, offsets, part, d, Hb, E,
-        w1.stride(1), w1.stride(0), wu.stride(1), wu.stride(0),
-        TWO=gated, BLOCK_E=block_e, PREC=prec, **cfg.kwargs())
-    dx = _pair_sum(part, None, T, top_k, dt)
 
-    cfg = get_config(_kname("ffn_dw_in", dt), C.gemm_key(tdt, Hb, d, P // E))
-    grid = (E, triton.cdiv(Hb, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
-    _dw_in_kernel[grid](
-        dh_pre, dh_up, x2d, perm, order, offsets, dw1, dw_up if gated else dw1,
-        db1 if db1 is not None else dw1, db_up if db_up is not None else dw1,
-        d, Hb, top_k, x2d.stride(0), x2d.stride(1),
-        GATED=gated, HAS_B=b1 is not None, HAS_B2=b_up is not None, PREC=prec, **cfg.kwargs())
-
-    cfg = get_config(_kname("ffn_dw_out", dt), C.gemm_key(tdt, d_out, Hb, P // E))
-    grid = (E, triton.cdiv(d_out, cfg["BLOCK_M"]), triton.cdiv(Hb, cfg["BLOCK_N"]))
-    _dw_out_kernel[grid](
-        dy2d, h_pre, h_up, perm, order, offsets, dw2, d_out, Hb, H, top_k, dy2d.stride(0), dy2d.stride(1),
-        ACT=act, GATED=gated, PREC=prec, **cfg.kwargs())
-    return dx, dw1, db1, dw_up, db_up, dw2, db2
+def _input_side_grads(g, n, x2d, w1, w_up, dh_pre, dh_up, perm, order, offsets, E, T, top_k, lora, H):
+    """Fill g[0:5] and g[7:11] (dx, dW1, db1, dW_up, db_up, du1, dB1, du_up, dB_up): only the launches needed."""
+    dt = x2d.dtype
+    if n[0]:  # dx = Σ_e dh_pre·W1_e (+ dh_up·W_up_e)
+        wu = w_up if dh_up is not None else None
+        g[0] = _grouped_down(dh_pre, w1, w1.shape[1], w1.stride(1), w1.stride(0), dh_up, wu, perm, order, offsets, E, T,
+                             top_k, None, dt)
+    # base weight gradients: one launch for the pair that is needed (the gated pair shares the x loads)
+    want1, want_up = n[1], n[3]
+    if want1 or want_up:
+        first = dh_pre if want1 else dh_up
+        second = dh_up if (want1 and want_up) else None
+        dw, dw2, db, db2 = _dw_in(first, second, x2d, perm, order, offsets, E, top_k,
+                                  n[2] if want1 else n[4], n[4] if (want1 and want_up) else False, H)
+        if want1:
+            g[1], g[2] = dw, db
+            if want_up:
+                g[3], g[4] = dw2, db2
+        else:
+            g[3], g[4] = dw, db
+    if n[2] and g[2] is None:
+        g[2] = _bias_grad(dh_pre, perm, offsets, E)
+    if n[4] and g[4] is None:
+        g[4] = _bias_grad(dh_up, perm, offsets, E)
+    # adapters: du = s·Σ_e dh·B_e  (B read as [r, H] through its strides), dB = Σ_e dhᵀ·(s·u)[tok]
+    for (iu, ib, u, lb, s, dh) in ((7, 8, lora.u1, lora.b1, lora.s1, dh_pre),
+                                   (9, 10, lora.u_up, lora.b_up, lora.s_up, dh_up)):
+        if u is None:
+            continue
+        if n[iu]:
+            du = _grouped_down(dh, lb, lb.shape[1], lb.stride(1), lb.stride(0), None, None, perm, order, offsets, E, T,
+                               top_k, None, torch.float32)
+            g[iu] = (du * s).to(dt)
+        if n[ib]:
+            g[ib] = _dw_in(dh, None, _scaled(u, s), perm, order, offsets, E, top_k, False, False, H)[0]

@@ -109,11 +109,11 @@ def pq_assign(k: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     codes = torch.empty((B, Hkv, Nk, M), dtype=torch.int32, device=k.device)
     if Nk == 0:
         return codes
-    cfg = autotune.get_config(KERNEL, (DS, C, dtype_name(k.dtype)))
-    grid = (B * Hkv * M, triton.cdiv(Nk, cfg["BLOCK_N"]))
-    _pq_assign_kernel[grid](
-        k, codebooks, codes, Hkv, Nk, C, DS, *k.stride(),
-        M=M, BLOCK_DS=next_power_of_2(DS), **cfg.kwargs())
+    def run(cfg):  # one launch; the autotuner times it per candidate (it only overwrites codes)
+        _pq_assign_kernel[(B * Hkv * M, triton.cdiv(Nk, cfg["BLOCK_N"]))](
+            k, codebooks, codes, Hkv, Nk, C, DS, *k.stride(),
+            M=M, BLOCK_DS=next_power_of_2(DS), **cfg.kwargs())
+    run(autotune.get_config(KERNEL, (DS, C, dtype_name(k.dtype), autotune.bucket(B * Hkv * Nk)), bench=run))
     return codes
 
 

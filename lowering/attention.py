@@ -15,14 +15,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from spt_compile.lowering.formulas import attention_is_exact
 from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _DOC = ("PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B, H, Nq, L] int32, "
         "lse [B, H, Nq] fp32).\n\n" + ref.SEMANTICS + """
-Exact mode (L >= Nk) skips PQ: idx lists every allowed key. idx and lse are auxiliary outputs without
-gradient; the mask gets no gradient. seed: int64 0-dim tensor, required when dropout_p > 0.
+Exact mode (L >= Nk, or Nk < min_seq_len) skips PQ. idx and lse are auxiliary outputs without gradient.
+A floating mask that requires grad gets dS at the kept keys (0 elsewhere), summed to its broadcast shape.
+seed: int64 0-dim tensor, required when dropout_p > 0.
 """)
 
 
@@ -32,7 +34,7 @@ gradient; the mask gets no gradient. seed: int64 0-dim tensor, required when dro
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, density: float,
                 pq_subspaces: int, pq_centroids: int, kmeans_iters: int, dropout_p: float,
-                seed: Optional[Tensor]) -> None:
+                seed: Optional[Tensor], min_seq_len: int = 0) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {tuple(t.shape)}")
@@ -66,6 +68,8 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if not (isinstance(min_seq_len, int) and min_seq_len >= 0):
+        raise ValueError(f"min_seq_len must be an int >= 0, got {min_seq_len}")
     if dropout_p > 0:
         if seed is None:
             raise ValueError("seed (int64 0-dim tensor) is required when dropout_p > 0")
@@ -85,8 +89,9 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
 
 
 def _use_kernels(q: Tensor) -> bool:
-    """Triton kernels serve CUDA fp16/bf16/fp32; fp64 is a reference-only ground-truth mode."""
-    return q.is_cuda and q.dtype != torch.float64
+    """Triton kernels or reference: the one decision in lowering/dispatch.py (SPT_KERNELS switch)."""
+    from spt_compile.lowering.dispatch import use_kernels
+    return use_kernels(q)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,17 +100,20 @@ def _use_kernels(q: Tensor) -> bool:
 
 # explicit schemas: inferred ones would say SymInt where docs/OPS.md says int
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, float density, "
-               "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed) "
-               "-> (Tensor out, Tensor idx, Tensor lse)")
+               "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed, "
+               "int min_seq_len=0) -> (Tensor out, Tensor idx, Tensor lse)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor idx, Tensor? mask, "
-               "bool is_causal, float scale, float dropout_p, Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)")
+               "bool is_causal, float scale, float dropout_p, Tensor? seed, bool mask_grad=False, int min_seq_len=0) "
+               "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)")
 
 
 @torch.library.custom_op("spt::pq_sparse_attention", mutates_args=(), schema=_FWD_SCHEMA)
 def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                            density: float, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
-                           dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed)
+                           dropout_p: float, seed: Optional[Tensor],
+                           min_seq_len: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
+                min_seq_len)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     L = ref.num_kept(nk, density)
@@ -116,12 +124,16 @@ def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
     else:
         pq_quantize, select_topk, sparse_attention_forward = (
             ref.pq_quantize, ref.select_topk, ref.sparse_attention_forward)
-    if L >= nk:  # exact mode: every allowed key, no PQ (plain torch ops, fine on any device)
-        idx = ref.allowed_indices(mask, is_causal, (b, h, nq, nk), q.device)
+    if attention_is_exact(nk, density, min_seq_len):  # every allowed key, no PQ (plain torch, any device)
+        idx = ref.allowed_indices(mask, is_causal, (b, h, nq, nk), q.device)  # [B, H, Nq, Nk]
     else:
         codebooks, codes = pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
         idx = select_topk(q, codebooks, codes, mask, is_causal, scale, L)
     out, lse = sparse_attention_forward(q, k, v, idx, mask, is_causal, scale, dropout_p, seed)
+    if idx.shape[3] != L:
+        # exact below min_seq_len: the Nk-long key list does not fit the L slots the (size-only) fake impl
+        # promised, so idx is all -1 and the backward rebuilds the list from the mask (docs/OPS.md)
+        idx = torch.full((b, h, nq, L), -1, dtype=torch.int32, device=q.device)
     # the fake impl promises contiguous outputs; .contiguous() is free when a kernel already complies
     return out.contiguous(), idx.contiguous(), lse.contiguous()
 
@@ -130,10 +142,12 @@ pq_sparse_attention_op.__doc__ = _DOC
 
 
 @pq_sparse_attention_op.register_fake
-def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed):
-    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed)
+def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
+      min_seq_len=0):
+    _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
+                min_seq_len)
     b, h, nq, _ = q.shape
-    L = ref.num_kept(k.shape[2], density)
+    L = ref.num_kept(k.shape[2], density)  # sizes only: the same L whether or not Nk < min_seq_len
     out = q.new_empty((b, h, nq, v.shape[3]))
     idx = q.new_empty((b, h, nq, L), dtype=torch.int32)
     lse = q.new_empty((b, h, nq), dtype=torch.float32)
@@ -147,36 +161,59 @@ def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmea
 @torch.library.custom_op("spt::pq_sparse_attention_backward", mutates_args=(), schema=_BWD_SCHEMA)
 def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     idx: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
-                                    dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of pq_sparse_attention's out for the kept keys idx (exact gradients of step 4)."""
+                                    dropout_p: float, seed: Optional[Tensor], mask_grad: bool = False,
+                                    min_seq_len: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask) of pq_sparse_attention's out for the kept keys idx (exact gradients of step 4).
+
+    dmask is d out / d mask when mask_grad (mask.shape, mask.dtype), else an empty [0] tensor."""
+    _check_mask_grad(mask, mask_grad)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    if nk < min_seq_len:  # the forward ran exact and returned an all -1 idx: rebuild the full key list
+        idx = ref.allowed_indices(mask, is_causal, (b, h, nq, nk), q.device)
+    if mask_grad:  # the kernels have no dmask output: the reference (plain torch) serves every device
+        dq, dk, dv, dmask = ref.sparse_attention_backward_dmask(dout, q, k, v, out, lse, idx, mask, is_causal,
+                                                                scale, dropout_p, seed, True)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
     if _use_kernels(q):
         from spt_compile.kernels.attention_bwd import sparse_attention_backward
     else:
         sparse_attention_backward = ref.sparse_attention_backward
     dq, dk, dv = sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty((0,))
 
 
 @pq_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad=False, min_seq_len=0):
+    _check_mask_grad(mask, mask_grad)
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _check_mask_grad(mask: Optional[Tensor], mask_grad: bool) -> None:
+    if mask_grad and (mask is None or not mask.dtype.is_floating_point):
+        raise ValueError("mask_grad=True needs a floating (additive) mask; a bool or absent mask has no gradient")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, is_causal, scale, _density, _m, _c, _iters, dropout_p, seed = inputs
+    q, k, v, mask, is_causal, scale, _density, _m, _c, _iters, dropout_p, seed, *rest = inputs
     out, idx, lse = output
     # O(N * (D + L)) saved: q, k, v (inputs), out, idx (int32, N * L), lse; never an N x N matrix
     ctx.save_for_backward(q, k, v, mask, out, idx, lse, seed)
     ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+    ctx.min_seq_len = int(rest[0]) if rest else 0
     ctx.mark_non_differentiable(idx, lse)
 
 
 def _backward(ctx, dout, _didx, _dlse):
     q, k, v, mask, out, idx, lse, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.spt.pq_sparse_attention_backward(
-        dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed)
-    # grads for q, k, v; none for mask (no gradient by contract) and the non-tensor / seed arguments
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    # only a floating mask that requires grad costs the dS reduction; otherwise the backward does no extra work
+    mask_grad = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype.is_floating_point
+    dq, dk, dv, dmask = torch.ops.spt.pq_sparse_attention_backward(
+        dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed, mask_grad,
+        ctx.min_seq_len)
+    # grads for q, k, v and the mask; none for the non-tensor / seed arguments
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 9
 
 
 pq_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -218,7 +255,7 @@ for _dev in ("cpu", "cuda"):
 def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
                         scale: Optional[float] = None, density: float = 0.25, pq_subspaces: int = 8,
                         pq_centroids: int = 16, kmeans_iters: int = 3, dropout_p: float = 0.0,
-                        seed: int | Tensor | None = None) -> Tensor:
+                        seed: int | Tensor | None = None, min_seq_len: int = 0) -> Tensor:
     """out [B, H, Nq, Dv] of torch.ops.spt.pq_sparse_attention with SDPA-like defaults.
 
     scale defaults to 1/sqrt(D). With dropout_p > 0 and no seed, a seed is drawn from torch's global RNG
@@ -233,5 +270,5 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
         seed = torch.tensor(seed, dtype=torch.int64)
     out, _idx, _lse = torch.ops.spt.pq_sparse_attention(
         q, k, v, mask, bool(is_causal), float(scale), float(density), int(pq_subspaces), int(pq_centroids),
-        int(kmeans_iters), float(dropout_p), seed)
+        int(kmeans_iters), float(dropout_p), seed, int(min_seq_len))
     return out

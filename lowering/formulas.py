@@ -14,9 +14,11 @@ def attention_keys_kept(nk: int, density: float) -> int:
     return max(1, math.ceil(density * nk))
 
 
-def attention_is_exact(nk: int, density: float) -> bool:
-    """Exact mode: every allowed key is kept (no PQ, equals scaled_dot_product_attention)."""
-    return attention_keys_kept(nk, density) >= nk
+def attention_is_exact(nk: int, density: float, min_seq_len: int = 0) -> bool:
+    """Exact mode: every allowed key is kept (no PQ, equals scaled_dot_product_attention). It holds when L
+    covers every key, and below the run-time threshold Nk < min_seq_len (the op decides per call, so one
+    graph with a symbolic length serves short and long sequences)."""
+    return nk < min_seq_len or attention_keys_kept(nk, density) >= nk
 
 
 def ffn_top_k(num_blocks: int, density: float) -> int:

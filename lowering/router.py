@@ -9,6 +9,11 @@
            Gated FFNs score ||act(Ĝ x + bg) * (Û x + bu)||, i.e. both projections are predicted, because the
            up projection's sign and size change a block's output as much as the gate does.
 
+LoRA (docs/OPS.md): with adapters the first projection is W1 + s1·B1·A1 (and W_up + s_up·B_up·A_up). The
+adapter is rank r and the op receives u = A·x, so its term s·B_e·u joins the base's low-rank prediction
+exactly, read from the current A and B on every call; the periodic refresh re-fits only the base's factors.
+"oracle" adds the same exact term.
+
 The factors are computed from the current weights on a site's first call and recomputed every
 `router_refresh` calls (training moves the weights; the op is opaque to inductor, so no recompile is needed).
 They live in a small LRU cache keyed by (site_id, device, dtype, weight storage pointer, shape): the call
@@ -21,7 +26,8 @@ import dataclasses
 
 import torch
 
-from spt_compile.lowering.reference.routed_ffn import activation_forward
+from spt_compile.kernels.cpu_tunables import router_chunk
+from spt_compile.lowering.reference.routed_ffn import NO_LORA, Lora, activation_forward
 
 ROUTERS = ("lowrank", "oracle")
 _MAX_ENTRIES = 512
@@ -126,13 +132,14 @@ def _get_factors(site_id, w1, w_up, block_perm, rank, refresh, x2d, data_aware) 
 _CHUNK_BYTES = 1 << 21  # [chunk, H] fp32 score buffers of ~2 MB: cache-resident, reused by the allocator
 
 
-def _chunked_block_norms(n_tokens: int, num_blocks: int, width: int, device, hidden_of) -> torch.Tensor:
+def _chunked_block_norms(n_tokens: int, num_blocks: int, width: int, device, hidden_of, chunk=None) -> torch.Tensor:
     """[T, E] float32 block norms of hidden_of(lo, hi) -> [hi-lo, H], over token chunks.
 
     The router's [T, H] intermediates would be as large as the FFN's own hidden activations (fresh, page-
     faulting allocations every call); chunks of ~2 MB keep the elementwise work in cache and the memory
     flat. A loop over token chunks, not tokens."""
-    chunk = max(1, _CHUNK_BYTES // (4 * width))
+    chunk = chunk or router_chunk(n_tokens, width, device, lambda c: _chunked_block_norms(
+        n_tokens, num_blocks, width, device, hidden_of, c)) or max(1, _CHUNK_BYTES // (4 * width))
     scores = torch.empty(n_tokens, num_blocks, dtype=torch.float32, device=device)
     for lo in range(0, n_tokens, chunk):
         hi = min(n_tokens, lo + chunk)
@@ -148,21 +155,33 @@ def _permuted(t, block_perm, dtype=None):
     return t.to(dtype) if dtype is not None else t
 
 
-def oracle_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks) -> torch.Tensor:
+def _with_adapter(pre, u, lb_p, s, lo, hi):
+    """pre += s·u[lo:hi]·lb_pᵀ (lb_p: the adapter's B rows in block order); pre as it is without an adapter."""
+    if u is not None:
+        pre = pre.addmm_(u[lo:hi].to(pre.dtype), lb_p.t(), alpha=s)
+    return pre
+
+
+def oracle_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, lora: Lora = NO_LORA
+                  ) -> torch.Tensor:
     """[T, E] float32: exact ||hidden_e(x)||."""
     w1p, b1p = _permuted(w1, block_perm), _permuted(b1, block_perm)
     wup, bup = _permuted(w_up, block_perm), _permuted(b_up, block_perm)
+    lb1, lbup = _permuted(lora.b1, block_perm), _permuted(lora.b_up, block_perm)
 
     def hidden_of(lo, hi):
         xc = x2d[lo:hi]
-        h = activation_forward(torch.nn.functional.linear(xc, w1p, b1p), activation)   # [c, H] block order
-        return h * torch.nn.functional.linear(xc, wup, bup) if wup is not None else h
+        pre = _with_adapter(torch.nn.functional.linear(xc, w1p, b1p), lora.u1, lb1, lora.s1, lo, hi)
+        h = activation_forward(pre, activation)                                 # [c, H] block order
+        if wup is None:
+            return h
+        return h * _with_adapter(torch.nn.functional.linear(xc, wup, bup), lora.u_up, lbup, lora.s_up, lo, hi)
 
     return _chunked_block_norms(x2d.shape[0], num_blocks, w1.shape[0], x2d.device, hidden_of)
 
 
 def lowrank_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, rank, refresh,
-                   site_id, data_aware: bool = True) -> torch.Tensor:
+                   site_id, data_aware: bool = True, lora: Lora = NO_LORA) -> torch.Tensor:
     """[T, E] float32: ||hidden_e(x)|| with low-rank predicted projections (float32 throughout).
 
     Cost O(T r (d + H)) for the two thin GEMMs (x V once, then (x V) Aᵀ per chunk) plus O(T H) elementwise.
@@ -173,28 +192,33 @@ def lowrank_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, 
     xvu = xf @ f.v_up if w_up is not None else None                            # [T, r]
     b1p = _permuted(b1, block_perm, torch.float32)
     bup = _permuted(b_up, block_perm, torch.float32)
+    # the adapters' current B rows (block order, fp32): exact rank-r terms next to the base's factors
+    lb1 = _permuted(lora.b1, block_perm, torch.float32)
+    lbup = _permuted(lora.b_up, block_perm, torch.float32)
 
     def hidden_of(lo, hi):
-        h = activation_forward(torch.nn.functional.linear(xv[lo:hi], f.a, b1p), activation)  # [c, H]
+        pre = _with_adapter(torch.nn.functional.linear(xv[lo:hi], f.a, b1p), lora.u1, lb1, lora.s1, lo, hi)
+        h = activation_forward(pre, activation)                                 # [c, H]
         if xvu is not None:
-            h = h.mul_(torch.nn.functional.linear(xvu[lo:hi], f.a_up, bup))
+            up = torch.nn.functional.linear(xvu[lo:hi], f.a_up, bup)
+            h = h.mul_(_with_adapter(up, lora.u_up, lbup, lora.s_up, lo, hi))
         return h
 
     return _chunked_block_norms(x2d.shape[0], num_blocks, w1.shape[0], x2d.device, hidden_of)
 
 
 def route(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, top_k, router, rank, refresh,
-          site_id, data_aware: bool = True) -> torch.Tensor:
+          site_id, data_aware: bool = True, lora: Lora = NO_LORA) -> torch.Tensor:
     """block_ids [T, top_k] int32: each token's top_k blocks by router score (all blocks when top_k == E)."""
     T = x2d.shape[0]
     if top_k == num_blocks:
         # exact mode: every block is kept, no scoring needed (and the router cache is left alone)
         return torch.arange(num_blocks, device=x2d.device, dtype=torch.int32).expand(T, num_blocks).contiguous()
     if router == "oracle":
-        scores = oracle_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks)
+        scores = oracle_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, lora)
     elif router == "lowrank":
         scores = lowrank_scores(x2d, w1, b1, w_up, b_up, block_perm, activation, num_blocks, rank, refresh,
-                                site_id, data_aware)
+                                site_id, data_aware, lora)
     else:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
     return scores.topk(top_k, dim=-1).indices.to(torch.int32)

@@ -5,7 +5,7 @@
 """
 from spt_compile.explain import explain
 from spt_compile.options import OPTION_DOCS, SptOptions
-from spt_compile.report import Report, SiteRecord, last_reports
+from spt_compile.report import Report, SiteRecord, last_report, last_reports
 
 __version__ = "0.1.0"
-__all__ = ["explain", "SptOptions", "OPTION_DOCS", "Report", "SiteRecord", "last_reports", "__version__"]
+__all__ = ["explain", "SptOptions", "OPTION_DOCS", "Report", "SiteRecord", "last_report", "last_reports", "__version__"]

@@ -14,14 +14,14 @@ import torch
 from torch import fx
 
 from spt_compile.cache_salt import salted_config_patches
+from spt_compile.graph_snapshot import capture_rewrite
+from spt_compile.inspect_logs import configure as configure_logging, log_compile
 from spt_compile.options import SptOptions
 from spt_compile.report import Report, record_compile
 from spt_compile.rewrite import rewrite_graph
 
 log = logging.getLogger("spt_compile")
-if os.environ.get("SPT_LOGS"):  # our own switch: an unknown name in TORCH_LOGS breaks `import torch`
-    logging.basicConfig()
-    log.setLevel(os.environ["SPT_LOGS"].upper() if os.environ["SPT_LOGS"].isalpha() else "INFO")
+configure_logging(log)  # SPT_LOGS=info|rewrites|rewrites,graphs (spt_compile/inspect_logs.py)
 
 
 def spt_backend(gm: fx.GraphModule, example_inputs, **kwargs):
@@ -29,11 +29,11 @@ def spt_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = SptOptions.from_dict(kwargs.pop("options", None))
     if kwargs:
         raise ValueError(f"backend 'spt' got unexpected argument(s) {sorted(kwargs)}; pass settings via options={{...}}")
-    report = Report(options=options.as_dict())
-    gm = rewrite_graph(gm, example_inputs, options, report, graph_index=0)
+    report = Report(options=options.as_dict(), **_frame_identity())
+    gm = capture_rewrite(rewrite_graph, gm, example_inputs, options, report, graph_index=0)
     record_compile(report)
     _trace_report(report)
-    log.info("%s", report)
+    log_compile(log, report)
     return compile_rewritten(gm, example_inputs, options)
 
 
@@ -51,11 +51,27 @@ def analysis_backend(options: SptOptions, report: Report):
     def backend(gm: fx.GraphModule, example_inputs, **_):
         probe = copy.deepcopy(gm)  # analyse a copy; the user's model runs unchanged
         sub = Report(options=options.as_dict())
-        rewrite_graph(probe, example_inputs, options, sub, graph_index=0)
+        capture_rewrite(rewrite_graph, probe, example_inputs, options, sub, graph_index=0)
         report.extend(sub)
         return gm.forward
 
     return backend
+
+
+def _frame_identity() -> dict:
+    """Which Dynamo frame and which (re)compile of it this graph belongs to (groups graphs in last_report())."""
+    out = {"frame": "", "frame_compile": 0, "code_name": ""}
+    try:
+        from torch._guards import CompileContext, TracingContext
+        cid = CompileContext.current_compile_id()
+        if cid is not None:
+            out["frame"], out["frame_compile"] = str(cid.frame_id), int(cid.frame_compile_id or 0)
+        tc = TracingContext.try_get()
+        if tc is not None and tc.traced_code:
+            out["code_name"] = tc.traced_code[0].co_name
+    except Exception:  # noqa: BLE001 - provenance only; never break compilation
+        pass
+    return out
 
 
 def _trace_report(report: Report) -> None:

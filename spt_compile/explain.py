@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from spt_compile import dynamo_events
 from spt_compile.backend import analysis_backend
 from spt_compile.options import SptOptions
 from spt_compile.report import Report
@@ -18,8 +19,9 @@ def explain(model, *args, options=None, **kwargs) -> Report:
     report = Report(options=opts.as_dict())
     compiled = torch.compile(model, backend=analysis_backend(opts, report), dynamic=False, fullgraph=False)
     devices = _cuda_devices(model, args, kwargs)
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), dynamo_events.capture() as events:
         compiled(*args, **kwargs)
+    report.dynamo = events.as_dict()
     return report
 
 

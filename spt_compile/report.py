@@ -1,7 +1,8 @@
 """The report: every decision the backend took, one record per candidate site.
 
-`spt_compile.explain(...)` returns a `Report`; the backend also appends to `last_reports()` on every compile so
-a user of `torch.compile(..., backend="spt")` can look at what happened. The inspection tool (its own issue)
+`spt_compile.explain(...)` returns a `Report`; the backend also appends to `last_reports()` on every compiled
+graph, and `last_report()` merges the graphs of the latest compile, so a user of
+`torch.compile(..., backend="spt")` can look at what happened. The inspection tool (its own issue)
 renders the same records: nothing is decided anywhere without being written here.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ class SiteRecord:
     spelling: str = ""        # which pattern matched: "sdpa", "eager", "linear+gelu", "gated silu", ...
     graph: int = 0            # index of the Dynamo graph it came from
     shape: str = ""           # e.g. "q[2,4,128,64] k[2,2,128,64]" or "x[256,768] H=3072"
+    near_miss: str = ""       # a candidate the matcher gave up on: the step that failed ("activation", ...)
+    plan: Any = None          # the site's Plan (spt_compile/plan.py) when rewritten; `params` renders it
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -38,6 +41,9 @@ class GraphRecord:
     nodes_after: int = 0
     code_before: str = ""
     code_after: str = ""
+    # node-level snapshots for the inspection tool (spt_compile/graph_snapshot.py); None when not taken
+    graph_before: dict[str, Any] | None = None
+    graph_after: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -45,6 +51,10 @@ class Report:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     sites: list[SiteRecord] = dataclasses.field(default_factory=list)
     graphs: list[GraphRecord] = dataclasses.field(default_factory=list)
+    frame: str = ""           # Dynamo frame the graphs came from (e.g. "0"; resume frames get their own id)
+    frame_compile: int = 0    # which (re)compile of that frame
+    code_name: str = ""       # the compiled function's name ("forward", "torch_dynamo_resume_in_forward_at_..")
+    dynamo: dict[str, Any] = dataclasses.field(default_factory=dict)  # graph breaks / recompiles (explain)
 
     # -- queries ------------------------------------------------------------------------------
     def rewritten(self, kind: str | None = None) -> list[SiteRecord]:
@@ -62,12 +72,28 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"options": self.options, "sites": [s.as_dict() for s in self.sites],
-                "graphs": [dataclasses.asdict(g) for g in self.graphs]}
+                "graphs": [dataclasses.asdict(g) for g in self.graphs], "dynamo": self.dynamo}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, default=str)
 
+    def to_dict(self) -> dict[str, Any]:
+        """as_dict() plus the estimated savings per site and in total (spt_compile/savings.py)."""
+        from spt_compile.html_report import savings_dict
+        return {**self.as_dict(), "savings": savings_dict(self)}
+
+    def write_html(self, path: str) -> str:
+        """ONE self-contained page: tables, savings, pictures (inline SVG), code listings (html_report.py)."""
+        from spt_compile.html_report import write_html
+        return write_html(self, str(path))
+
+    def write_dot(self, directory: str) -> list[str]:
+        """Graphviz DOT files of every graph before/after (+ SVG/PNG when `dot` is installed)."""
+        from spt_compile.graph_picture import write_dot
+        return write_dot(self, str(directory))
+
     def extend(self, other: "Report") -> None:
+        """Append another report's graphs and sites (graph indices renumbered after ours)."""
         offset = len(self.graphs)
         for g in other.graphs:
             self.graphs.append(dataclasses.replace(g, index=g.index + offset))
@@ -82,6 +108,8 @@ class Report:
         rows = []
         for i, s in enumerate(self.sites):
             detail = _format_params(s.params) if s.status == REWRITTEN else s.reason
+            if s.near_miss:
+                detail = f"near miss at step '{s.near_miss}': {s.reason}"
             if s.status == REWRITTEN and s.reason:
                 detail = f"{detail}; {s.reason}"
             rows.append((str(i), s.kind, s.module or "?", s.source or "?", s.status, detail))
@@ -118,9 +146,36 @@ def record_compile(report: Report) -> None:
 
 
 def last_reports() -> list[Report]:
-    """Reports of recent backend="spt" compiles in this process, oldest first."""
+    """Reports of recent backend="spt" compiles in this process, oldest first (one per compiled graph)."""
     with _LOCK:
         return list(_RECENT)
+
+
+def last_report() -> Report:
+    """The report of the latest compile, all its graphs merged, each site once.
+
+    A compile is the latest compile of a top-level frame plus the graphs of the frames Dynamo resumed in
+    after its graph breaks (compiled since). When a frame was recompiled (a new shape, dynamic=True), only its
+    newest compile counts: the older graphs no longer run, and their statuses would be stale."""
+    with _LOCK:
+        recent = list(_RECENT)
+    if not recent:
+        return Report()
+    start = 0
+    for i in range(len(recent) - 1, -1, -1):
+        if not recent[i].code_name.startswith("torch_dynamo_resume_in_"):
+            start = i
+            break
+    window = recent[start:]
+    newest: dict[str, int] = {}
+    for r in window:
+        newest[r.frame] = max(newest.get(r.frame, -1), r.frame_compile)
+    merged = Report()
+    for r in window:
+        if r.frame_compile == newest[r.frame]:
+            merged.extend(r)
+    merged.frame, merged.code_name = window[0].frame, window[0].code_name
+    return merged
 
 
 def clear_reports() -> None:

@@ -1,7 +1,7 @@
-"""Decide, per matched site, whether to rewrite it; rewrite it; record the decision.
+"""Rewrite each matched site by its Plan (spt_compile/plan.py decides) and record it in the report.
 
-All policy lives here (options, shape limits, parameter adjustments). Each rewritten site becomes one
-`torch.ops.spt.*` call whose arguments carry every parameter, so the graph alone says what will run.
+Each rewritten site becomes one `torch.ops.spt.*` call whose arguments carry every parameter of its Plan, so
+the graph alone says what will run. A site without a Plan stays dense, and its reason is recorded.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import torch
 from torch import fx
 
 from spt_compile.options import SptOptions
+from spt_compile.plan import AttentionPlan, FfnPlan, op_takes_min_seq_len, plan_attention, plan_ffn
 from spt_compile.patterns.attention import AttentionMatch, find_attention
 from spt_compile.patterns.ffn import FfnMatch, find_ffn
 from spt_compile.patterns.graph_utils import copy_provenance, module_path, shape_str, size_hint, source_line, val
 from spt_compile.patterns.normalize import normalize_graph
 from spt_compile.report import DENSE, REWRITTEN, GraphRecord, Report, SiteRecord
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SITE_IDS = itertools.count()
 _CONSTANT_IDS = itertools.count()  # process-wide: keys the routed-FFN router cache of each rewritten site
 
@@ -37,25 +37,18 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: SptOptions, repor
     for m in find_attention(graph):
         site = SiteRecord(kind="attention", module=module_path(m.output), source=source_line(m.output),
                           status=DENSE, spelling=m.spelling, graph=graph_index,
-                          shape=f"q{shape_str(m.q)} k{shape_str(m.k)}")
-        reason = m.problem or _attention_policy(m, options, site)
-        if not reason:
-            _rewrite_attention(graph, m, options, site)
-            site.status = REWRITTEN
-        else:
-            site.reason = reason
+                          shape=f"q{shape_str(m.q)} k{shape_str(m.k)}", near_miss=m.near_miss)
+        plan = m.problem or plan_attention(m, options)
+        _record(site, plan, lambda p: _rewrite_attention(graph, m, p))
         report.sites.append(site)
 
     for m in find_ffn(graph):
-        site = SiteRecord(kind="ffn", module=_common_module(m.up.node, m.output), source=source_line(m.output), status=DENSE,
-                          spelling=m.spelling, graph=graph_index,
-                          shape=f"x{shape_str(m.up.x)} H={m.hidden}")
-        reason = m.problem or _ffn_policy(m, options, site)
-        if not reason:
-            _rewrite_ffn(gm, m, options, site, weights)
-            site.status = REWRITTEN
-        else:
-            site.reason = reason
+        site = SiteRecord(kind="ffn", module=m.module or _common_module(m.up.node, m.output),
+                          source=source_line(m.output), status=DENSE, spelling=m.spelling, graph=graph_index,
+                          shape=f"x{shape_str(m.up.x)} H={m.hidden}" if m.up is not None else "",
+                          near_miss=m.near_miss)
+        plan = m.problem or plan_ffn(m, options, weight_known=m.up.weight in weights)
+        _record(site, plan, lambda p: _rewrite_ffn(gm, m, p, weights))
         report.sites.append(site)
 
     graph.eliminate_dead_code()
@@ -66,52 +59,39 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: SptOptions, repor
     return gm
 
 
+def _record(site: SiteRecord, plan, rewrite) -> None:
+    """A Plan is rewritten and rendered; a string is the reason the site stays dense."""
+    if isinstance(plan, str):
+        site.reason = plan
+        return
+    rewrite(plan)
+    site.status, site.plan, site.params = REWRITTEN, plan, plan.display()
+    site.reason = "; ".join(plan.notes)
+
+
 # --- attention --------------------------------------------------------------------------------
 
-def _attention_policy(m: AttentionMatch, options: SptOptions, site: SiteRecord) -> str:
-    if options.attention == "dense":
-        return "attention='dense' in options"
-    q, k, v = val(m.q), val(m.k), val(m.v)
-    if q.dim() != 4:
-        return f"q has {q.dim()} dims; the op needs [B, H, N, D]"
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (float16, bfloat16, float32, all equal)"
-    head_dim = size_hint(q.shape[-1])
-    n_keys = size_hint(k.shape[-1] if m.k_transposed else k.shape[-2])
-    heads, kv_heads = size_hint(q.shape[1]), size_hint(k.shape[1])
-    if head_dim is None or n_keys is None or heads is None or kv_heads is None:
-        return "symbolic head dim / key count / heads without a hint"
-    if heads % kv_heads:
-        return f"{heads} query heads not a multiple of {kv_heads} kv heads"
-    if n_keys < options.min_seq_len:
-        return f"{n_keys} keys < min_seq_len={options.min_seq_len}"
-    subspaces = _largest_divisor_at_most(head_dim, options.pq_subspaces)
-    if subspaces != options.pq_subspaces:
-        site.reason = f"pq_subspaces {options.pq_subspaces} -> {subspaces} (head dim {head_dim})"
-    keep = max(1, math.ceil(options.attention_density * n_keys))
-    site.params = {"density": options.attention_density, "L": keep, "M": subspaces, "C": options.pq_centroids,
-                   "kv_heads": kv_heads, "dropout": m.dropout_p}
-    if options.exact_attention:
-        site.params["mode"] = "exact"
-    return ""
-
-
-def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, options: SptOptions, site: SiteRecord) -> None:
+def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, plan: AttentionPlan) -> None:
     out = m.output
     add = _Inserter(graph)
     with graph.inserting_before(out):
-        k = add("call_method", "transpose", (m.k, -2, -1)) if m.k_transposed else m.k
+        q, k, v = m.q, m.k, m.v
+        if m.batch_heads_flat:  # [B*H, N, D] spellings (bmm / baddbmm): the op sees B=1, H=B*H
+            q, k, v = (add("call_function", operator.getitem, (t, (None, Ellipsis))) for t in (q, k, v))
+        k = add("call_method", "transpose", (k, -2, -1)) if m.k_transposed else k
         mask = _combine_masks(m, add)
-        scale = m.scale if m.scale is not None else 1.0 / math.sqrt(size_hint(val(m.q).shape[-1]))
         seed = None
-        if m.dropout_p > 0:
+        if plan.dropout > 0:
             seed = add("call_function", torch.randint, (0, 2**62, ()),
                        {"dtype": torch.int64, "device": val(m.q).device})
-        op = add("call_function", torch.ops.spt.pq_sparse_attention.default,
-                 (m.q, k, m.v, mask, bool(m.is_causal), float(scale), float(options.attention_density),
-                  int(site.params["M"]), int(options.pq_centroids), int(options.pq_kmeans_iters),
-                  float(m.dropout_p), seed))
+        args = (q, k, v, mask, bool(m.is_causal), plan.scale, float(plan.density), int(plan.M), int(plan.C),
+                int(plan.kmeans_iters), float(plan.dropout), seed)
+        if op_takes_min_seq_len():
+            args += (int(plan.min_seq_len),)
+        op = add("call_function", torch.ops.spt.pq_sparse_attention.default, args)
         result = add("call_function", operator.getitem, (op, 0))
+        if m.batch_heads_flat:
+            result = add("call_function", operator.getitem, (result, 0))
         out_dtype = val(out).dtype
         if out_dtype != val(m.q).dtype:
             result = add("call_method", "to", (result, out_dtype))
@@ -143,7 +123,7 @@ def _combine_masks(m: AttentionMatch, add):
         mask = bias
     if mask is None:
         return None
-    rank = _result_rank(m, mask)
+    rank = _result_rank(m, mask)  # a 3-D mask of a [B*H, N, D] spelling becomes [1, B*H, N, N]
     if rank < 4:
         mask = add("call_function", operator.getitem, (mask, (None,) * (4 - rank) + (Ellipsis,)))
     return mask
@@ -158,66 +138,48 @@ def _result_rank(m: AttentionMatch, mask: fx.Node) -> int:
 
 # --- ffn --------------------------------------------------------------------------------------
 
-def _ffn_policy(m: FfnMatch, options: SptOptions, site: SiteRecord) -> str:
-    if options.ffn == "dense":
-        return "ffn='dense' in options"
-    x = val(m.up.x)
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} not supported (float16, bfloat16, float32)"
-    for p in (m.up, m.down) + ((m.gated_up,) if m.gated_up else ()):
-        if val(p.weight).dtype != x.dtype:
-            return f"weight dtype {val(p.weight).dtype} differs from activation dtype {x.dtype}"
-    hidden = size_hint(m.hidden)
-    out_shape, in_shape = val(m.output).shape, val(m.up.x).shape
-    if tuple(out_shape[:-1]) != tuple(in_shape[:-1]):
-        return f"views between the projections change the token layout ({shape_str(m.up.x)} -> {shape_str(m.output)})"
-    blocks = _largest_divisor_at_most(hidden, options.ffn_blocks)
-    if blocks != options.ffn_blocks:
-        site.reason = f"ffn_blocks {options.ffn_blocks} -> {blocks} (hidden width {hidden})"
-    top_k = options.ffn_top_k(blocks)
-    site.params = {"density": options.ffn_density, "E": blocks, "k": top_k, "act": m.activation,
-                   "router": options.ffn_router, "gated": m.gated_up is not None}
-    if top_k == blocks:
-        site.params["mode"] = "exact"
-    return ""
-
-
-def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, options: SptOptions, site: SiteRecord, weights: dict) -> None:
+def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, plan: FfnPlan, weights: dict) -> None:
     graph, out = gm.graph, m.output
-    blocks, top_k = site.params["E"], site.params["k"]
-    perm = _block_perm(m, blocks, options, weights, site)
+    perm = _block_perm(m, plan, weights)
     add = _Inserter(graph)
     with graph.inserting_before(out):
-        def weight(p):
-            return add("call_method", "t", (p.weight,)) if p.transposed else p.weight
-
-        w1, w2 = weight(m.up), weight(m.down)
-        w_up = weight(m.gated_up) if m.gated_up else None
-        b_up = m.gated_up.bias if m.gated_up else None
+        w1, b1 = _projection_args(m.up, add)
+        w2, b2 = _projection_args(m.down, add)
+        w_up, b_up = _projection_args(m.gated_up, add) if m.gated_up else (None, None)
         perm_node = _constant(gm, add, "spt_block_perm", torch.tensor(perm, dtype=torch.int64, device=val(m.up.x).device))
         op = add("call_function", torch.ops.spt.routed_ffn.default,
-                 (m.up.x, w1, m.up.bias, w_up, b_up, w2, m.down.bias, perm_node, m.activation, int(blocks),
-                  int(top_k), options.ffn_router, int(options.ffn_router_rank), int(options.ffn_router_refresh),
-                  next(_SITE_IDS)))
+                 (m.up.x, w1, b1, w_up, b_up, w2, b2, perm_node, plan.act, int(plan.E), int(plan.k), plan.router,
+                  int(plan.rank), int(plan.refresh), next(_SITE_IDS)))
         result = add("call_function", operator.getitem, (op, 0))
     add.copy_provenance_from(out)
     out.replace_all_uses_with(result)
     _erase([out] + m.interior)
 
 
-def _block_perm(m: FfnMatch, blocks: int, options: SptOptions, weights: dict, site: SiteRecord) -> list[int]:
+def _projection_args(p, add):
+    """(W [out, in], bias) of a projection as graph nodes: Conv1D's [in, out] weight is transposed, and a slice
+    of a fused projection (gate+up split with chunk) takes its rows of W and b."""
+    w = add("call_method", "t", (p.weight,)) if p.transposed else p.weight
+    b = p.bias
+    if p.rows is not None:
+        lo, hi = p.rows
+        w = add("call_function", operator.getitem, (w, slice(lo, hi)))
+        if b is not None:
+            b = add("call_function", operator.getitem, (b, slice(lo, hi)))
+    return w, b
+
+
+def _block_perm(m: FfnMatch, plan: FfnPlan, weights: dict) -> list[int]:
     hidden = size_hint(m.hidden)
-    w = weights.get(m.up.weight)
-    if not options.ffn_cluster or blocks == 1 or site.params.get("mode") == "exact":
-        return list(range(hidden))
-    if w is None:
-        site.reason = (site.reason + "; " if site.reason else "") + "weights unknown at compile time: contiguous blocks"
+    if not plan.clustered:
         return list(range(hidden))
     from spt_compile.lowering.neuron_blocks import compute_block_perm
 
-    w1 = w.detach().t() if m.up.transposed else w.detach()
-    site.params["clustered"] = True
-    return compute_block_perm(w1, blocks, cluster=True).tolist()
+    w = weights[m.up.weight].detach()
+    w1 = w.t() if m.up.transposed else w
+    if m.up.rows is not None:
+        w1 = w1[m.up.rows[0]:m.up.rows[1]]
+    return compute_block_perm(w1, plan.E, cluster=True).tolist()
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -274,13 +236,6 @@ def _common_module(a: fx.Node, b: fx.Node) -> str:
             break
         common.append(x)
     return ".".join(common) or module_path(b)
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    for d in range(min(n, limit), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
 
 
 def _erase(nodes: list[fx.Node]) -> None:

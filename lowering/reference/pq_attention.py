@@ -36,6 +36,7 @@ import math
 import torch
 from torch import Tensor
 
+from spt_compile.kernels.cpu_tunables import attention_chunk
 from spt_compile.lowering.formulas import attention_keys_kept
 
 # Largest transient tile per query chunk, in elements (16 MiB of fp32; a chunk keeps a few such tiles alive):
@@ -169,7 +170,8 @@ def select_topk(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None
     q5 = q.reshape(b, hkv, grp, nq, d)  # [B, Hkv, G, Nq, D]: query head h uses kv head h // G
     kk = min(L, nk)
     idx = torch.full((b, h, nq, L), -1, dtype=torch.int32, device=q.device)
-    step = query_chunk(nq, b * h * nk, chunk)
+    step = query_chunk(nq, b * h * nk, chunk or attention_chunk("select", q, b * h * nk, lambda c: select_topk(
+        q, codebooks, codes, mask, is_causal, scale, L, chunk=c)))
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
         s = torch.matmul(q5[:, :, :, i0:i1].to(torch.float32), khat.transpose(-1, -2))  # [B, Hkv, G, c, Nk]
@@ -272,7 +274,8 @@ def sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask:
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
     kt, vc = k.to(cdt).transpose(-1, -2), v.to(cdt)  # [B, Hkv, D, Nk], [B, Hkv, Nk, Dv]
-    step = query_chunk(nq, b * h * max(nk, L), chunk)
+    step = query_chunk(nq, b * h * max(nk, L), chunk or attention_chunk("forward", q, b * h * max(nk, L), lambda c:
+                       sparse_attention_forward(q, k, v, idx, mask, is_causal, scale, dropout_p, seed, chunk=c)))
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
         idx_c = idx[:, :, i0:i1]  # [B, H, c, L]
@@ -298,22 +301,44 @@ def sparse_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask:
 def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, idx: Tensor,
                               mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float,
                               seed: Tensor | None, *, chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of sparse_attention_forward's out, by the flash-attention identities:
+    """(dq, dk, dv) of sparse_attention_forward's out (the stage contract of docs/OPS.md)."""
+    dq, dk, dv, _ = sparse_attention_backward_dmask(dout, q, k, v, out, lse, idx, mask, is_causal, scale,
+                                                    dropout_p, seed, False, chunk=chunk)
+    return dq, dk, dv
+
+
+def sparse_attention_backward_dmask(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                    idx: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
+                                    dropout_p: float, seed: Tensor | None, mask_grad: bool, *,
+                                    chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dmask) of sparse_attention_forward's out, by the flash-attention identities:
     dP = dout.v (times the dropout scale), delta = rowsum(dout * out) = sum_l P_l dP_l, dS = P * (dP - delta);
     dq = scale * sum_l dS_l k_l; dk_j, dv_j sum the slots that kept key j over the query-head group of its
     kv head (GQA). Slot quantities are summed onto keys in a [B, H, c, Nk] tile and contracted by GEMMs, the
-    same tile trick as the forward. `out` is part of the shared signature (the Triton backward computes delta
-    from it); the reference computes delta from P and dP instead."""
+    same tile trick as the forward.
+
+    dmask (only when mask_grad, else None): d out / d bias = dS at the kept allowed keys, 0 elsewhere, summed
+    down to mask.shape (its broadcast dims), in mask.dtype.
+
+    P is recomputed from the kept slots' own row max and sum, never as exp(s - lse): in a row whose keys all
+    carry a finfo.min-sized bias, lse = m + log(l) rounds to m (log(l) is below m's ulp), so exp(s - lse) would
+    give P = 1 per key instead of 1/l. `out` and `lse` are part of the shared signature (the Triton backward
+    uses them); the reference needs neither."""
     b, h, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     L = idx.shape[3]
     cdt = compute_dtype(q.dtype)
+    if mask_grad and (mask is None or not mask.dtype.is_floating_point):
+        raise ValueError("mask_grad needs a floating (additive) mask")
     dq = q.new_empty((b, h, nq, d))
     dk = torch.zeros((b, hkv, nk, d), dtype=cdt, device=k.device)
     dvv = torch.zeros((b, hkv, nk, dv), dtype=cdt, device=k.device)
+    dmask = torch.zeros(mask.shape, dtype=cdt, device=mask.device) if mask_grad else None
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
     kc, vt = k.to(cdt), v.to(cdt).transpose(-1, -2)  # [B, Hkv, Nk, D], [B, Hkv, Dv, Nk]
-    step = query_chunk(nq, b * h * max(nk, L), chunk)
+    step = query_chunk(nq, b * h * max(nk, L), chunk or attention_chunk("backward", q, b * h * max(nk, L), lambda c:
+                       sparse_attention_backward_dmask(dout, q, k, v, out, lse, idx, mask, is_causal, scale,
+                                                       dropout_p, seed, mask_grad, chunk=c)))
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
         idx_c = idx[:, :, i0:i1]
@@ -321,9 +346,7 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         q_c = _heads(q[:, :, i0:i1].to(cdt), hkv)  # [B, Hkv, G*c, D]
         do = _heads(dout[:, :, i0:i1].to(cdt), hkv)  # [B, Hkv, G*c, Dv]
         s = _slot_logits(_unheads(q_c @ kc.transpose(-1, -2), h) * scale, idx_c, safe, mask, is_causal, i0, i1)
-        # the contract's lse is fp32; in fp64 (reference-only) mode recompute it so gradients keep fp64 accuracy
-        lse_c = torch.logsumexp(s, dim=-1) if cdt == torch.float64 else lse[:, :, i0:i1].to(cdt)
-        p = _softmax_from_lse(s, lse_c)  # [B, H, c, L]
+        p = _slot_softmax(s)  # [B, H, c, L]
         dp = torch.gather(_unheads(do @ vt, h), -1, safe)  # [B, H, c, L] = dout . v_j
         pd = p
         if keep is not None:
@@ -333,14 +356,31 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         # arithmetic, but built from the same dP it is subtracted from (so e.g. a single kept key gives dS = 0
         # exactly) and free of out's rounding to q.dtype (one bf16 ulp of out would reach every gradient).
         delta = (p * dp).sum(-1, keepdim=True)  # [B, H, c, 1]
-        ds = _heads(_to_keys(p * (dp - delta), safe, nk), hkv)  # [B, Hkv, G*c, Nk]; 0 off the kept keys
+        ds_keys = _to_keys(p * (dp - delta), safe, nk)  # [B, H, c, Nk]; 0 off the kept keys
+        if dmask is not None:
+            _add_mask_grad(dmask, ds_keys, i0, i1)
+        ds = _heads(ds_keys, hkv)  # [B, Hkv, G*c, Nk]
         dq[:, :, i0:i1] = _unheads((ds @ kc) * scale, h).to(q.dtype)
         dk += (ds.transpose(-1, -2) @ q_c) * scale  # contracting G*c rows sums the GQA group
         dvv += _heads(_to_keys(pd, safe, nk), hkv).transpose(-1, -2) @ do
-    return dq, dk.to(k.dtype), dvv.to(v.dtype)
+    dmask = None if dmask is None else dmask.to(mask.dtype)
+    return dq, dk.to(k.dtype), dvv.to(v.dtype), dmask
 
 
-def _softmax_from_lse(s: Tensor, lse: Tensor) -> Tensor:
-    """p = exp(s - lse); rows with lse = -inf (no allowed key) give p = 0 instead of NaN."""
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-    return torch.exp(s - lse_safe[..., None])
+def _add_mask_grad(dmask: Tensor, ds_keys: Tensor, i0: int, i1: int) -> None:
+    """Sum one query chunk's dS [B, H, c, Nk] down to the mask's broadcast shape and add it into dmask."""
+    dims = [dim for dim in (0, 1, 3) if dmask.shape[dim] == 1 and ds_keys.shape[dim] > 1]
+    g = ds_keys.sum(dim=dims, keepdim=True) if dims else ds_keys
+    if dmask.shape[2] == 1:  # the query dim broadcasts: every chunk adds into the same row
+        dmask += g.sum(2, keepdim=True)
+    else:
+        dmask[:, :, i0:i1] += g
+
+
+def _slot_softmax(s: Tensor) -> Tensor:
+    """p [.., L] = softmax over the slots of s, 0 for a row with no finite slot (no kept key)."""
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    e = torch.exp(s - mx)  # 0 on -inf slots
+    den = e.sum(-1, keepdim=True)
+    return e / torch.where(den > 0, den, 1.0)

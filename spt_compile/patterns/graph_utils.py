@@ -79,12 +79,22 @@ def module_path(node: fx.Node) -> str:
     return clean_module_path(str(path))
 
 
+_ROOT = re.compile(r"^(?:L|G)\[(?:'(?:args|kwargs)'\](?:\[\d+\]|\['[^']*'\])|'[^']*'\])")
+
+
 def clean_module_path(path: str) -> str:
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    """Dynamo's source expression of a module -> the user's dotted path.
+
+    "L['self'].model.layers[0].mlp", "L['args'][0].model.layers.0.mlp" (a decorated forward that takes the model
+    as an argument), "L['self']._modules['model'].__dict__['_modules']['layers'][0]" -> "model.layers.0.mlp"."""
+    path = _ROOT.sub("", path.strip())
+    path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\.?_modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"getattr\((.+?), '([^']+)'\)", r"\1.\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.strip(".") or "<root>"
+    path = re.sub(r"^_orig_mod\.", "", path.strip("."))
+    return re.sub(r"\.{2,}", ".", path).strip(".") or "<root>"
 
 
 def source_line(node: fx.Node) -> str:

@@ -42,7 +42,8 @@ def leaves(x, p):
 
 
 def run_op(x, p, perm, act, E, k, router="oracle", site=0):
-    return OP(x, p["w1"], p["b1"], p["w_up"], p["b_up"], p["w2"], p["b2"], perm, act, E, k, router, 8, 200, site)
+    # (y, block_ids, h_pre, h_up); the 5th output, the down adapter input v2, is empty without LoRA
+    return OP(x, p["w1"], p["b1"], p["w_up"], p["b_up"], p["w2"], p["b2"], perm, act, E, k, router, 8, 200, site)[:4]
 
 
 def masked_dense(x, p, perm, act, E, block_ids=None):
