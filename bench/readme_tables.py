@@ -100,7 +100,7 @@ def view_ffn(res: Result) -> str:
             cells["inductor"] = r[speed]
         elif r[variant].startswith("routed"):
             cells[float(r[density])] = r[speed]
-    headers = ["shape", "dense, inductor"] + [f"routed {d:g}" + (" (exact)" if d == 1.0 else "") for d in densities]
+    headers = ["shape", "dense, inductor"] + [f"routed {d}" + (" (exact)" if d == 1.0 else "") for d in densities]
     rows = [[s, c.get("inductor", "-")] + [c.get(d, "-") for d in densities] for s, c in out.items()]
     return markdown(headers, rows) + "\n\nspeed-up of forward+backward vs eager dense `Linear -> act -> Linear` (> 1 = faster)"
 

@@ -30,6 +30,7 @@ sm_80 and sm_90, so neither the default nor a tuned choice can be a config that 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -95,6 +96,8 @@ class KernelEntry:
     source: str | None = None          # file or module whose source the cache entries are tied to
     # smem(config, key) -> bytes of shared memory; configs above the device's limit are pruned on GPU
     smem: Callable[[KernelConfig, tuple], int] | None = None
+    # site_key(op, arguments) -> key | None: the key a rewritten site will launch with (inspection report)
+    site_key: Callable[[str, dict], tuple | None] | None = None
     _hash: str | None = None
 
     def kernel_hash(self) -> str:
@@ -122,16 +125,18 @@ _REGISTRY: dict[str, KernelEntry] = {}
 
 def register_candidates(name: str, candidates: list[KernelConfig],
                         fits: Callable[[KernelConfig, tuple], bool] | None = None, *, kind: str = "triton",
-                        source: str | None = None, smem: Callable[[KernelConfig, tuple], int] | None = None) -> None:
+                        source: str | None = None, smem: Callable[[KernelConfig, tuple], int] | None = None,
+                        site_key: Callable[[str, dict], tuple | None] | None = None) -> None:
     """Declare kernel `name`'s config space. `source` (a file or module name; default: the calling module's
-    file) is what the cache entries' kernel hash covers."""
+    file) is what the cache entries' kernel hash covers; `site_key(op, arguments)` names the key a rewritten
+    site will use (see site_kernel_keys)."""
     if not candidates:
         raise ValueError(f"kernel {name!r}: at least one candidate config is required")
     if kind not in KINDS:
         raise ValueError(f"kernel {name!r}: kind must be one of {KINDS}, got {kind!r}")
     if source is None:
         source = sys._getframe(1).f_globals.get("__file__")
-    _REGISTRY[name] = KernelEntry(name, list(candidates), fits, kind, source, smem)
+    _REGISTRY[name] = KernelEntry(name, list(candidates), fits, kind, source, smem, site_key)
     _memo.clear()
 
 
@@ -139,8 +144,10 @@ def candidates(name: str) -> list[KernelConfig]:
     return list(_entry(name).candidates)
 
 
-def registered_kernels() -> list[str]:
-    return sorted(_REGISTRY)
+def registered_kernels(kind: str | None = "triton") -> list[str]:
+    """Names of the registered Triton kernels (what the AOT check compiles); kind="cpu": the CPU tunables;
+    None: both."""
+    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 
 def _entry(name: str) -> KernelEntry:
@@ -218,7 +225,10 @@ def _can_time(entry: KernelEntry) -> bool:
     import torch
     if torch.compiler.is_compiling():  # a trace must not run kernels; the run time call tunes
         return False
-    return entry.kind == "cpu" or (not interpreter() and torch.cuda.is_available())
+    if entry.kind == "cpu":
+        return True
+    # never time inside a CUDA graph capture (mode="reduce-overhead"): the replayed graph keeps the default
+    return not interpreter() and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -233,10 +243,11 @@ def gpu_timer(fn: Callable[[], object], cfg: KernelConfig) -> float:
 
 
 def cpu_timer(fn: Callable[[], object], cfg: KernelConfig, reps: int = 3) -> float:
-    """Median ms of `reps` timed calls after one warm-up call (one timed call when a call takes > 0.5 s)."""
+    """Median ms of `reps` timed calls after one warm-up call (one timed call when a call takes > 2 s: tuning
+    happens once per key, but a first call should not take minutes)."""
     t0 = time.perf_counter()
     fn()
-    if time.perf_counter() - t0 > 0.5:
+    if time.perf_counter() - t0 > 2.0:
         reps = 1
     times = []
     for _ in range(reps):
@@ -279,9 +290,14 @@ class _Progress:
 
 _lock = threading.RLock()
 _stores: dict[str, _cache.CacheStore] = {}
-_memo: dict[tuple, KernelConfig] = {}      # (cache path, tuning on, kernel, key) -> config, the launch fast path
+# (kernel, key) -> (config, entry): the launch fast path, one dict lookup. The environment (SPT_CACHE_DIR,
+# SPT_AUTOTUNE) is read when a kernel meets a new key; a key already resolved keeps its config until
+# invalidate() / reset() (reading os.environ on every launch costs more than the lookup itself).
+_memo: dict[tuple, tuple] = {}
 _used: dict[tuple[str, tuple], dict] = {}  # (kernel, key) -> what the last such launch used
 _stats = {"benchmarks": 0, "tunes": 0, "lookups": 0}
+_forced: dict = {}                         # kernel or (kernel, key) -> config launches must use (forced())
+_recording: list | None = None             # (kernel, key) of every launch while tune_stage() discovers them
 
 
 def store() -> _cache.CacheStore:
@@ -380,6 +396,20 @@ def clear_used() -> None:
         _memo.clear()  # launches record on a memo miss: start both afresh
 
 
+def site_kernel_keys(op: str, arguments: dict) -> list[tuple[str, tuple]] | None:
+    """[(kernel, key)] a rewritten site will launch on its device, from the op's arguments as the graph
+    snapshot records them (tensors as {"shape", "dtype", "device"}). None when that device's kernels declare no
+    `site_key` (the Triton launchers may not yet): the caller then cannot name exact keys."""
+    ensure_registered()
+    devices = [v["device"] for v in arguments.values() if isinstance(v, dict) and "device" in v]
+    kind = "triton" if devices and str(devices[0]).startswith("cuda") else "cpu"
+    hooks = [e for e in _REGISTRY.values() if e.kind == kind and e.site_key is not None]
+    if not hooks:
+        return None
+    pairs = [(e.name, e.site_key(op, arguments)) for e in sorted(hooks, key=lambda e: e.name)]
+    return [(name, key) for name, key in pairs if key is not None]
+
+
 def describe(kernel: str, key: tuple) -> str:
     """'untuned', or the entry for the key: 'BLOCK_L=32 warps=4 stages=2 (0.041 ms, NVIDIA H200)'."""
     e = lookup(kernel, key)
@@ -424,7 +454,13 @@ def get_config(name: str, key: tuple, bench: Callable[[KernelConfig], object] | 
 def resolve(name: str, key: tuple, bench: Callable[[KernelConfig], object] | None = None
             ) -> tuple[KernelConfig, dict | None]:
     """(config, entry or None): get_config plus the cache entry it came from (None = first fitting default)."""
-    memo_key = (str(_cache.default_path()), tuning_enabled(), name, key)
+    if _recording is not None:
+        _recording.append((name, key))
+    if _forced:
+        f = _forced.get((name, key)) or _forced.get(name)
+        if f is not None:
+            return f, None
+    memo_key = (name, key)
     hit = _memo.get(memo_key)
     if hit is not None:
         return hit
@@ -467,12 +503,56 @@ def _tune(entry: KernelEntry, key: tuple, cfgs: list[KernelConfig], bench, st: _
     if not math.isfinite(times[best]):
         raise RuntimeError(f"autotune {entry.name} {key!r}: no candidate config ran; " + "; ".join(errors))
     e = {**_identity(entry, key), "config": cfgs[best].to_json(), "time_ms": times[best],
-         "candidates": len(cfgs), "tuned_at": _cache.now()}
-    st.put(e)
+         "default_ms": times[0] if math.isfinite(times[0]) else None, "candidates": len(cfgs),
+         "tuned_at": _cache.now()}
+    st.put(e, replace=True)  # a fresh measurement replaces whatever was stored under this identity
     _stats["tunes"] += 1
     log.info("autotune %s %s: %s (%.4g ms, %d candidates)", entry.name, list(key),
              describe_config(cfgs[best], entry.kind), times[best], len(cfgs))
     return e
+
+
+@contextlib.contextmanager
+def forced(configs: dict):
+    """Within the block, launches use the given configs: {kernel: cfg} for every key, {(kernel, key): cfg} for
+    one key (nothing is cached or recorded). How a benchmark compares candidates through a whole stage."""
+    with _lock:
+        prev = dict(_forced)
+        _forced.update(configs)
+    try:
+        yield
+    finally:
+        with _lock:
+            _forced.clear()
+            _forced.update(prev)
+
+
+def tune_stage(run: Callable[[], object], retune: bool = False) -> list[dict]:
+    """Tune every kernel that `run()` (one op stage on fixed inputs, e.g. a launcher of docs/OPS.md) launches,
+    for launchers that pass no bench closure: each fitting candidate of one kernel is forced in turn and the
+    whole stage is timed, the other kernels staying at their current choice. Returns the new entries.
+    Kernels that already have an applicable entry are skipped unless `retune`."""
+    global _recording
+    with _lock:
+        _recording = []
+        try:
+            run()
+        finally:
+            launched, _recording = list(dict.fromkeys(_recording)), None
+        made = []
+        for name, key in launched:
+            entry, st = _entry(name), store()
+            cfgs = fitting(name, key)
+            if len(cfgs) < 2 or not _can_time(entry) or (not retune and _applicable(entry, key, st)):
+                continue
+
+            def bench(cfg, name=name, key=key):
+                with forced({(name, key): cfg}):
+                    run()
+
+            made.append(_tune(entry, key, cfgs, bench, st))
+        invalidate()
+        return made
 
 
 # ---------------------------------------------------------------------------------------------- export / import
@@ -577,5 +657,6 @@ def rows() -> list[dict]:
         why = foreign_reason(e)
         out.append({"device": f"{e['device']} ({e['capability']})", "kernel": e["kernel"],
                     "key": json.dumps(e["key"]), "config": describe_config(e["config"], e["kind"]),
-                    "time_ms": e["time_ms"], "status": "applies" if why is None else f"ignored: {why}"})
+                    "time_ms": e["time_ms"], "default_ms": e.get("default_ms"),
+                    "status": "applies" if why is None else f"ignored: {why}"})
     return out

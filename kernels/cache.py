@@ -6,7 +6,8 @@ Layout (`autotune.json` under `cache_dir()`):
     ENTRY = {"kernel": str, "kernel_hash": str, "kind": "triton" | "cpu",
              "device": str, "capability": str, "torch": str, "triton": str,
              "key": [str | int | float | bool, ...], "config": {"meta": {str: int}, "num_warps": int,
-             "num_stages": int}, "time_ms": float | null, "candidates": int, "tuned_at": str}
+             "num_stages": int}, "time_ms": float | null, "default_ms": float | null (the untuned default's
+             time, optional), "candidates": int, "tuned_at": str}
 
 An entry's identity (`entry_id`) is everything but its result (config, time, candidates, tuned_at): the same
 kernel source on the same device and software for the same key. This module only stores and merges entries;
@@ -107,9 +108,10 @@ def validate_entry(e) -> str | None:
         return "config.meta must map names to ints"
     if not (_is_int(cfg.get("num_warps")) and _is_int(cfg.get("num_stages"))):
         return "config.num_warps / num_stages must be ints"
-    t = e.get("time_ms")
-    if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0):
-        return "field 'time_ms' must be a non-negative number or null"
+    for f in ("time_ms", "default_ms"):
+        t = e.get(f)
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < float("inf")):
+            return f"field {f!r} must be a non-negative number or null"
     if not _is_int(e.get("candidates", 0)) or not isinstance(e.get("tuned_at", ""), str):
         return "fields 'candidates' / 'tuned_at' have wrong types"
     return None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def attention_keys_kept(nk: int, density: float) -> int:
     """L = max(1, ceil(density * Nk)): key slots per query."""
@@ -19,6 +21,35 @@ def attention_is_exact(nk: int, density: float, min_seq_len: int = 0) -> bool:
     covers every key, and below the run-time threshold Nk < min_seq_len (the op decides per call, so one
     graph with a symbolic length serves short and long sequences)."""
     return nk < min_seq_len or attention_keys_kept(nk, density) >= nk
+
+
+def attention_tile_keys(allowed_tile: int, density: float, min_keys: int) -> int:
+    """L_tile = min(allowed_tile, max(L_min, ceil(density * allowed_tile))): key slots of one query tile.
+
+    allowed_tile counts the keys that some query of the tile may attend to (a padding bias <= half the
+    dtype's most negative finite value counts as not allowed here, for sizing only); L_min = min_keys keeps
+    early causal tiles from starving. Works elementwise on int tensors too (the sparse selection sizes every
+    tile at once with it)."""
+    if isinstance(allowed_tile, torch.Tensor):
+        want = torch.ceil(density * allowed_tile.to(torch.float64)).to(allowed_tile.dtype).clamp(min=min_keys)
+        return torch.minimum(allowed_tile, want)
+    return min(allowed_tile, max(min_keys, math.ceil(density * allowed_tile)))
+
+
+def attention_tile_visible(nq: int, nk: int, is_causal: bool) -> int:
+    """Most keys a query tile can see from shapes alone: Nk, or min(Nk, Nq) under top-left causality."""
+    return min(nk, nq) if is_causal else nk
+
+
+def attention_tile_slots(nq: int, nk: int, density: float, min_keys: int, is_causal: bool) -> int:
+    """L_max: slots of the tiled idx [B, H, ceil(Nq / T), L_max], from shapes only (the fake impl stays static).
+    L_tile grows with allowed_tile, and no tile can see more than attention_tile_visible keys."""
+    return max(1, attention_tile_keys(attention_tile_visible(nq, nk, is_causal), density, min_keys))
+
+
+def attention_num_tiles(nq: int, tile: int) -> int:
+    """ceil(Nq / T): query tiles of T consecutive positions, the last one possibly short."""
+    return -(-nq // tile)
 
 
 def ffn_top_k(num_blocks: int, density: float) -> int:

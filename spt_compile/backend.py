@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 
 import torch
 from torch import fx
@@ -60,7 +61,7 @@ def analysis_backend(options: SptOptions, report: Report):
 
 def _frame_identity() -> dict:
     """Which Dynamo frame and which (re)compile of it this graph belongs to (groups graphs in last_report())."""
-    out = {"frame": "", "frame_compile": 0, "code_name": ""}
+    out = {"frame": "", "frame_compile": 0, "code_name": "", "entry": _entry_key()}
     try:
         from torch._guards import CompileContext, TracingContext
         cid = CompileContext.current_compile_id()
@@ -72,6 +73,19 @@ def _frame_identity() -> dict:
     except Exception:  # noqa: BLE001 - provenance only; never break compilation
         pass
     return out
+
+
+def _entry_key() -> str:
+    """Which torch.compile'd callable this compile runs under: the `fn` of Dynamo's outermost compile wrapper on
+    the stack. All graphs of one model (its graph-break frames, its loss function) share it; another model
+    compiled later does not."""
+    f, key = sys._getframe(), ""
+    while f is not None:
+        if f.f_code.co_name == "compile_wrapper" and f.f_code.co_filename.endswith("eval_frame.py"):
+            fn = f.f_locals.get("fn")
+            key = f"{type(fn).__name__}@{id(fn):x}" if fn is not None else key
+        f = f.f_back
+    return key
 
 
 def _trace_report(report: Report) -> None:

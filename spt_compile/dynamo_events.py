@@ -66,3 +66,24 @@ def _first_paragraph(reason: str) -> str:
     """Dynamo's graph-break text is long (hints, links): keep its first two lines."""
     lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
     return " ".join(lines[:2])
+
+
+def compile_info() -> dict[str, Any]:
+    """Called inside a backend: which compile this graph is ({compile_id, function, recompile_reason}).
+
+    The recompile reason is what Dynamo computed for this compile before tracing (the guard that failed); torch
+    keeps it only in the compile's metrics context, which has no public getter, so read it defensively."""
+    out: dict[str, Any] = {"compile_id": "", "function": "", "recompile_reason": None}
+    try:
+        from torch._guards import CompileContext, TracingContext
+        cid = CompileContext.current_compile_id()
+        out["compile_id"] = "" if cid is None else str(cid)
+        tc = TracingContext.try_get()
+        if tc is not None and tc.traced_code:
+            code = tc.traced_code[0]
+            out["function"] = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+        from torch._dynamo.utils import get_metrics_context
+        out["recompile_reason"] = getattr(get_metrics_context(), "_metrics", {}).get("recompile_reason")
+    except Exception:  # noqa: BLE001 - provenance only; never break compilation
+        pass
+    return out

@@ -51,7 +51,8 @@ def picture_graph(snap: dict[str, Any], groups: list[Group], side: str,
             continue
         key = f"site{i}"
         title = (labels or {}).get(i) or f"{grp.kind} {grp.module}".strip()
-        what = f"{grp.kind} ({len(members)} nodes)" if side == "before" else grp.op
+        op = str((grp.arguments or {}).get("op", grp.op)).removesuffix(".default")
+        what = f"{grp.kind} ({len(members)} nodes)" if side == "before" else op
         pic.add_node(key, label=f"{title}\n{what}", tooltip="\n".join(full.nodes[m]["rec"]["text"] for m in members),
                      fill=COLOURS.get(grp.kind, COLOURS["other"]), group=i, order=full.nodes[members[0]]["order"])
         owner.update({m: key for m in members})

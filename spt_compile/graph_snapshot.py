@@ -97,7 +97,7 @@ def tensor_info(n) -> dict[str, Any] | None:
     v = val(n)
     if v is not None:
         return {"shape": [_int(s) for s in v.shape], "dtype": str(v.dtype).replace("torch.", ""),
-                "itemsize": v.element_size()}
+                "itemsize": v.element_size(), "device": str(v.device)}
     if n.op == "call_method" and n.target in ("t", "transpose") and n.args:
         src = tensor_info(n.args[0])
         if src is not None and len(src["shape"]) >= 2:
@@ -109,11 +109,10 @@ def tensor_info(n) -> dict[str, Any] | None:
 
 
 def _int(s) -> int | str:
-    try:
-        return int(s)
-    except Exception:  # noqa: BLE001 - a symbolic size without a hint stays a string ("s0")
-        hint = getattr(getattr(s, "node", None), "hint", None)
-        return int(hint) if hint is not None else str(s)
+    if isinstance(s, int):  # never int() a SymInt: that adds a guard and specialises the graph (dynamic=True)
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)  # a symbolic size without a hint stays "s0"
+    return int(hint) if hint is not None else str(s)
 
 
 def op_arguments(n: fx.Node) -> dict[str, Any]:
@@ -234,8 +233,10 @@ def is_parameter_input(rec: dict[str, Any]) -> bool:
 def capture_rewrite(rewrite, gm, example_inputs, options, report, **kwargs):
     """Run `rewrite(gm, example_inputs, options, report, **kwargs)` and store before/after snapshots in the
     GraphRecord it appends. Snapshots never break a compile: on failure the record just has none."""
+    from spt_compile.dynamo_events import compile_info
+
     try:
-        before = snapshot(gm)
+        before = {**snapshot(gm), "compile": compile_info()}
     except Exception:  # noqa: BLE001 - inspection must never break compilation
         before = None
     n_graphs = len(report.graphs)

@@ -24,6 +24,7 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f3f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.rewritten td.status{background:#dff3e3}tr.dense td.status{background:#fbe3e0}
 .picture{overflow:auto;max-height:900px;border:1px solid #ddd;margin:6px 0;background:#fff}
+.picture svg{max-width:100%;height:auto}
 .pictures{display:flex;gap:12px;align-items:flex-start}.pictures>div{flex:1;min-width:0}
 pre.listing{font-size:12px;line-height:1.35;overflow:auto;max-height:700px;border:1px solid #ddd;padding:6px}
 pre.listing span.mark{display:block}.muted{color:#777}code{font-size:12px}
@@ -54,7 +55,10 @@ def report_savings(report) -> tuple[dict[int, list[Estimate]], list[dict[str, An
         for i, grp in by_site.items():
             if grp.arguments:
                 site = report.sites[i]
-                per_site[i] = site_estimates(site.kind, grp.arguments, site.params, site.spelling)
+                try:
+                    per_site[i] = site_estimates(site.kind, grp.arguments, site.params, site.spelling)
+                except (ValueError, KeyError, TypeError):  # sizes unknown at compile time: no estimate
+                    continue
     return per_site, totals(list(per_site.values()))
 
 
@@ -92,26 +96,11 @@ def graph_pictures(report):
 
 
 def kernel_entries(site, group: Group | None) -> list[tuple[str, str]]:
-    """(kernel, autotune-cache entry or "untuned") for the kernels a rewritten site launches at its traced key.
-
-    The kernels and their keys come from `spt_compile.kernels.autotune.site_kernel_keys(op, arguments)` (the
-    launchers own their key formulas); without it the page says so instead of guessing keys."""
-    if site.status != "rewritten" or group is None or not group.arguments:
+    """(kernel, autotune-cache entry or "untuned") for a rewritten site (spt_compile/site_kernels.py)."""
+    if site.status != "rewritten" or group is None:
         return []
-    try:
-        from spt_compile.kernels import autotune
-    except Exception as e:  # noqa: BLE001 - the page must render without the kernels package
-        return [("(kernels)", f"unavailable: {e}")]
-    keys_of = getattr(autotune, "site_kernel_keys", None)
-    if keys_of is None:
-        return [("(kernels)", "untuned (this build cannot name the kernels' keys for a site)")]
-    rows = []
-    for kernel, key in keys_of(group.arguments["op"], group.arguments):
-        try:
-            rows.append((f"{kernel} {tuple(key)}", autotune.describe(kernel, tuple(key))))
-        except Exception as e:  # noqa: BLE001
-            rows.append((f"{kernel} {tuple(key)}", f"untuned ({e})"))
-    return rows
+    from spt_compile.site_kernels import kernel_entries as lookup
+    return lookup(group.arguments)
 
 
 # --- HTML pieces ------------------------------------------------------------------------------------------
@@ -138,7 +127,7 @@ def _failed_step(s) -> str:
 
 
 def _sites_section(report) -> str:
-    headers = ("#", "graph", "kind", "module", "source", "spelling", "status", "reason / failing step",
+    headers = ("#", "graph", "kind", "module", "source", "spelling", "status", "reason", "near miss: failing step",
                *PLAN_COLUMNS, "other parameters", "kernels (autotune cache)")
     rows, classes = [], []
     groups = {}
@@ -147,14 +136,12 @@ def _sites_section(report) -> str:
     for i, s in enumerate(report.sites):
         params = dict(s.params) if isinstance(s.params, dict) else {}
         plan = [str(params.pop(c, "")) for c in PLAN_COLUMNS]
-        reason = s.reason
         step = _failed_step(s)
-        if step and step not in reason:
-            reason = f"{reason} (failing step: {step})" if reason else f"failing step: {step}"
         kernels = "; ".join(f"{k}: {v}" for k, v in kernel_entries(s, groups.get(i)))
         other = " ".join(f"{k}={v}" for k, v in params.items())
         rows.append((str(i), str(s.graph), s.kind, s.module or "?", s.source or "?", s.spelling,
-                     f'<td class="status">{_e(s.status)}</td>', reason, *plan, other, kernels))
+                     f'<td class="status">{_e(s.status)}</td>', s.reason,
+                     f'<td class="step">{_e(step)}</td>' if step else "", *plan, other, kernels))
         classes.append(s.status)
     return "<h2>Sites</h2>\n" + _table(headers, rows, "sites", classes)
 
@@ -176,8 +163,9 @@ def _savings_section(report) -> str:
                          f'<td class="num">{_e(human(e.spt_value(), e.unit))}</td>',
                          f'<td class="num">{_e(_ratio(e.ratio()))}</td>',
                          f"<td><code>{_e(e.dense)}</code></td>", f"<td><code>{_e(e.spt)}</code></td>"))
-    out.append("<h3>Per site</h3>" + _table(("site", "quantity", "dense", "spt", "spt / dense", "dense formula",
-                                             "spt formula"), rows, "savings-sites"))
+    out.append("<details><summary><b>Per site, with the formulas</b></summary>"
+               + _table(("site", "quantity", "dense", "spt", "spt / dense", "dense formula", "spt formula"), rows,
+                        "savings-sites") + "</details>")
     out.append('<p class="muted">Formulas and what they count: spt_compile/savings.py (from docs/OPS.md). '
                "N: sequence length, n: tokens, s: bytes per element; the other symbols are the traced sizes "
                "and the site's plan.</p>")
@@ -192,7 +180,7 @@ def _dynamo_section(report) -> str:
     ev = getattr(report, "dynamo", None) or {}
     out = ["<h2>Dynamo: graph breaks and recompiles</h2>"]
     if not ev:
-        return out[0] + "<p>Not recorded for this report (recorded by <code>spt_compile.explain</code>).</p>"
+        return out[0] + _per_graph_compiles(report)
     out.append(f"<p>{len(ev.get('frames', []))} frame(s) compiled, {len(report.graphs)} graph(s) handed to spt.</p>")
     breaks = ev.get("graph_breaks", [])
     out.append(_table(("graph break reason", "count"), [(b["reason"], str(b["count"])) for b in breaks],
@@ -202,6 +190,19 @@ def _dynamo_section(report) -> str:
                       [(r["compile_id"], f"{r['function']} ({r['file']}:{r['line']})", r["reason"]) for r in rec],
                       "recompiles") if rec else "<p>No recompiles.</p>")
     return "\n".join(out)
+
+
+def _per_graph_compiles(report) -> str:
+    """Without explain's capture (a report of torch.compile): each graph's compile id, its function (a
+    `torch_dynamo_resume_in_*` function follows a graph break at the line it names) and its recompile reason."""
+    rows = []
+    for g in report.graphs:
+        info = (g.graph_before or {}).get("compile") or {}
+        rows.append((str(g.index), info.get("compile_id", ""), info.get("function", ""),
+                     info.get("recompile_reason") or "first compile of this frame"))
+    note = ("<p>Graph-break reasons are recorded by <code>spt_compile.explain</code>; here each graph's "
+            "compile (a <code>torch_dynamo_resume_in_...</code> function follows a graph break).</p>")
+    return note + _table(("graph", "compile id", "function", "recompile reason"), rows, "compiles")
 
 
 def _listing_html(rows) -> str:

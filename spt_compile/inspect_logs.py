@@ -50,14 +50,19 @@ def log_compile(log: logging.Logger, report, value: str | None = None) -> None:
 
 
 def savings_text(report) -> str:
+    """The estimated totals as a small table (dense vs spt at the traced sizes; spt_compile/savings.py)."""
     from spt_compile.html_report import report_savings
     from spt_compile.savings import human
 
     _, totals = report_savings(report)
     if not totals:
         return "estimated savings: none (no site rewritten)"
-    parts = [f"{t['quantity']}: {human(t['dense'], t['unit'])} -> {human(t['spt'], t['unit'])}" for t in totals]
-    return "estimated savings (dense -> spt): " + "; ".join(parts)
+    rows = [(t["quantity"], human(t["dense"], t["unit"]), human(t["spt"], t["unit"]),
+             "-" if t["ratio"] is None else f"{t['ratio']:.3f}") for t in totals]
+    headers = ("estimated savings (dense -> spt)", "dense", "spt", "spt / dense")
+    widths = [max(len(r[c]) for r in rows + [headers]) for c in range(4)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def listings_text(report) -> str:

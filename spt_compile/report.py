@@ -54,6 +54,7 @@ class Report:
     frame: str = ""           # Dynamo frame the graphs came from (e.g. "0"; resume frames get their own id)
     frame_compile: int = 0    # which (re)compile of that frame
     code_name: str = ""       # the compiled function's name ("forward", "torch_dynamo_resume_in_forward_at_..")
+    entry: str = ""           # the torch.compile'd callable the graph ran under (groups a model's graphs)
     dynamo: dict[str, Any] = dataclasses.field(default_factory=dict)  # graph breaks / recompiles (explain)
 
     # -- queries ------------------------------------------------------------------------------
@@ -152,29 +153,25 @@ def last_reports() -> list[Report]:
 
 
 def last_report() -> Report:
-    """The report of the latest compile, all its graphs merged, each site once.
+    """The report of the latest compile: every graph of the model compiled last, merged, each site once.
 
-    A compile is the latest compile of a top-level frame plus the graphs of the frames Dynamo resumed in
-    after its graph breaks (compiled since). When a frame was recompiled (a new shape, dynamic=True), only its
-    newest compile counts: the older graphs no longer run, and their statuses would be stale."""
+    Graphs belong to the latest compile when they ran under the same torch.compile'd callable as the newest
+    graph (its graph-break frames and e.g. the loss function it calls included). When a frame was recompiled (a
+    new shape, dynamic=True), only its newest compile counts: the older graphs no longer run for the shapes
+    seen last, and their statuses would be stale."""
     with _LOCK:
         recent = list(_RECENT)
     if not recent:
         return Report()
-    start = 0
-    for i in range(len(recent) - 1, -1, -1):
-        if not recent[i].code_name.startswith("torch_dynamo_resume_in_"):
-            start = i
-            break
-    window = recent[start:]
+    entry = recent[-1].entry
+    mine = [r for r in recent if r.entry == entry]
     newest: dict[str, int] = {}
-    for r in window:
+    for r in mine:
         newest[r.frame] = max(newest.get(r.frame, -1), r.frame_compile)
-    merged = Report()
-    for r in window:
+    merged = Report(entry=entry)
+    for r in mine:
         if r.frame_compile == newest[r.frame]:
             merged.extend(r)
-    merged.frame, merged.code_name = window[0].frame, window[0].code_name
     return merged
 
 

@@ -181,7 +181,11 @@ def attention_sizes_from_op(op: dict[str, Any], plan: dict[str, Any], spelling: 
     batch, heads, nq, head_dim = q["shape"]
     nk = k["shape"][2]
     density = float(op["density"])
-    keys = int(plan.get("L") or plan.get("L_max") or formulas.attention_keys_kept(nk, density))
+    if not all(isinstance(x, int) for x in (*q["shape"], *k["shape"], *v["shape"])):
+        raise ValueError(f"symbolic sizes without a hint: q{q['shape']} k{k['shape']}")
+    planned = plan.get("L_max", plan.get("L"))
+    # a symbolic length: the plan says "ceil(density*Nk)" and the op sizes L per call; evaluate at the trace
+    keys = planned if isinstance(planned, int) else formulas.attention_keys_kept(nk, density)
     try:
         exact = formulas.attention_is_exact(nk, density, int(op.get("min_seq_len", 0)))
     except TypeError:  # an older formulas.py without the run-time threshold
@@ -190,13 +194,24 @@ def attention_sizes_from_op(op: dict[str, Any], plan: dict[str, Any], spelling: 
         batch=batch, heads=heads, kv_heads=k["shape"][1], nq=nq, nk=nk, head_dim=head_dim, v_dim=v["shape"][3],
         elem_bytes=q["itemsize"], keys_kept=keys, exact=exact, is_causal=bool(op["is_causal"]),
         dropout=float(op.get("dropout_p", 0.0)) > 0, spelling="sdpa" if spelling == "sdpa" else "eager",
-        query_tile=int(op.get("query_tile", plan.get("T", 1)) or 1), subspaces=int(op["pq_subspaces"]),
+        query_tile=_query_tile(op, plan), subspaces=int(op["pq_subspaces"]),
         centroids=int(op["pq_centroids"]), kmeans_iters=int(op["kmeans_iters"]))
+
+
+def _query_tile(op: dict[str, Any], plan: dict[str, Any]) -> int:
+    """T from the op's arguments (whatever the tile argument is called), else the plan, else 1."""
+    for name, value in op.items():
+        if "tile" in name and isinstance(value, int):
+            return max(1, value)
+    tile = plan.get("T", 1)
+    return tile if isinstance(tile, int) and tile > 0 else 1
 
 
 def ffn_sizes_from_op(op: dict[str, Any]) -> FfnSizes:
     """FfnSizes from the recorded arguments of a routed_ffn call."""
     x, w1, w2 = op["x"], op["w1"], op["w2"]
+    if not all(isinstance(s, int) for s in (*x["shape"], *w1["shape"], *w2["shape"])):
+        raise ValueError(f"symbolic sizes without a hint: x{x['shape']}")
     tokens = 1
     for s in x["shape"][:-1]:
         tokens *= s

@@ -24,15 +24,15 @@ def run_and_grad(model, args, kwargs, pick=lambda o: o):
     out = pick(model(*args, **kwargs))
     # a fixed random cotangent exercises every gradient path, not just the sum
     g = torch.Generator().manual_seed(123)
-    cot = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.dtype)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
     (out.float() * cot.float()).sum().backward()
     return out.detach()
 
 
 def compare_with_eager(model, args=(), kwargs=None, options=None, inner_backend="aot_eager",
-                       pick=lambda o: o, tol=None):
-    """Run eager and backend="spt" from identical weights; assert output and all parameter grads match.
-    Returns the spt Report of the compile."""
+                       pick=lambda o: o, tol=None, same_grad_set=False):
+    """Run eager and backend="spt" from identical weights; assert output and all parameter grads match
+    (same_grad_set: and exactly the same parameters get a gradient). Returns the spt Report of the compile."""
     kwargs = kwargs or {}
     options = {**EXACT, **(options or {}), "inner_backend": inner_backend}
     eager = copy.deepcopy(model)
@@ -49,6 +49,8 @@ def compare_with_eager(model, args=(), kwargs=None, options=None, inner_backend=
     torch.testing.assert_close(out.float(), ref.float(), **tol, msg=lambda m: f"output differs: {m}")
     g_ref, g_out = grads_of(eager), grads_of(spt)
     assert g_ref, "no gradients at all"
+    if same_grad_set:
+        assert g_ref.keys() == g_out.keys(), f"gradient sets differ: {sorted(g_ref.keys() ^ g_out.keys())}"
     params = dict(spt.named_parameters())
     for name in sorted(g_ref.keys() | g_out.keys()):
         # AOTAutograd gives zeros where eager leaves None (parameters not on the loss path, e.g. BERT's pooler)

@@ -3,8 +3,6 @@ options list) and a command whose module is missing fails alone with a clear mes
 import argparse
 import logging
 import re
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -35,12 +33,6 @@ def test_unknown_command_is_named_before_the_usage(capsys):
         assert name in err
     assert cli.main(["inspec"]) == 2
     assert "did you mean 'inspect'" in capsys.readouterr().err
-
-
-def test_module_entry_point_exits_2_on_unknown_command():
-    proc = subprocess.run([sys.executable, "-m", "spt_compile", "foo"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.index("unknown command 'foo'") < proc.stderr.index("usage:")
 
 
 def test_no_command_prints_the_command_list(capsys):
@@ -76,7 +68,8 @@ def test_every_help_describes_the_command_and_every_flag_with_its_default(comman
             assert shown.strip() in " ".join(text.split()) or shown.split()[0] in text
             if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
                     and not isinstance(action.default, bool):
-                assert re.search(r"\bdefault\b", shown) and str(action.default) in shown, \
+                spellings = {str(action.default)} | ({f"{action.default:g}"} if isinstance(action.default, float) else set())
+                assert re.search(r"\bdefault\b", shown) and any(v in shown for v in spellings), \
                     f"{parser.prog}: {name} does not show its default {action.default!r}: {shown!r}"
     with pytest.raises(SystemExit) as e:  # and --help itself works end to end
         cli.main([command, "--help"])

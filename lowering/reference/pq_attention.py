@@ -27,8 +27,11 @@ SEMANTICS = """1. PQ of keys: split D into M = pq_subspaces slices; per (batch, 
 3. Allowed keys per the mask (causal, boolean, additive -inf). Query i keeps the top L_i allowed keys by s~,
    L_i = min(allowed_i, max(1, ceil(density * N_keys))).
 4. Output: softmax over kept keys of (scale * q_i.k_j + bias_ij), dropout with explicit seed, times V.
-5. Backward: exact gradients of step 4 w.r.t. q, k, v; selection and codebooks carry no gradient.
-GQA: a query head uses its kv head's codebooks. Fully masked rows -> zeros. Density 1.0 equals SDPA.
+5. Backward: exact gradients of step 4 w.r.t. q, k, v and a floating mask that requires grad (dS at the kept
+   keys, 0 elsewhere, summed to the mask's shape); selection and codebooks carry no gradient.
+GQA: a query head uses its kv head's codebooks. A row with no allowed key -> zeros (eager: NaN); a row whose
+keys all carry a finite finfo.min bias attends uniformly, as in eager. Density 1.0 (or Nk < min_seq_len)
+equals SDPA.
 """
 
 import math

@@ -114,3 +114,43 @@ def decode_png(data: bytes) -> tuple[int, int, list[tuple]]:
         pixels += [tuple(line[i:i + 3]) for i in range(0, stride, bpp)]
         prev = line
     return width, height, pixels
+
+
+def test_kernel_column_untuned_without_cache_entries(tiny_report):
+    page = render(tiny_report)
+    row = re.search(r'<table class="sites">.*?</table>', page, re.S).group(0)
+    # CPU tensors: the sites would use the CPU tunables; the test cache (SPT_CACHE_DIR) is empty
+    assert "attention_cpu_forward: untuned" in row and "ffn_cpu_router: untuned" in row
+
+
+def test_kernel_column_uses_the_autotuners_site_keys(tiny_report, monkeypatch):
+    from spt_compile.kernels import autotune
+    seen = []
+
+    def site_kernel_keys(op, arguments):
+        seen.append((op, tuple(arguments["q"]["shape"]) if "q" in arguments else tuple(arguments["x"]["shape"])))
+        return [("attention_fwd" if "attention" in op else "ffn_up", (64, "float32"))]
+
+    monkeypatch.setattr(autotune, "site_kernel_keys", site_kernel_keys, raising=False)
+    monkeypatch.setattr(autotune, "describe", lambda kernel, key: f"BLOCK=32 warps=4 for {kernel}", raising=True)
+    page = render(tiny_report)
+    assert "attention_fwd (64, &#x27;float32&#x27;): BLOCK=32 warps=4 for attention_fwd" in page
+    assert sorted(op for op, _ in seen) == ["spt.pq_sparse_attention"] * 2 + ["spt.routed_ffn"] * 2
+
+
+def test_graph_breaks_are_reported_and_every_graph_is_drawn():
+    import spt_compile
+    from tests.inspect.tiny_models import OPTIONS, breaking_factory
+    model, args = breaking_factory()
+    report = spt_compile.explain(model, *args, options=OPTIONS)
+    assert len(report.graphs) >= 2 and len(report.rewritten()) == 4
+    breaks = report.dynamo["graph_breaks"]
+    assert breaks and any("graph_break" in b["reason"] for b in breaks), breaks
+    page = render(report)
+    assert page.count("<svg") == 2 * len(report.graphs)
+    assert "No graph breaks" not in page and html_escape(breaks[0]["reason"]) in page
+
+
+def html_escape(text):
+    import html
+    return html.escape(text)

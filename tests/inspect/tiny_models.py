@@ -9,7 +9,8 @@ from torch import nn
 class Block(nn.Module):
     """Pre-norm block: eager attention (softmax over `softmax_dim`) and a GELU FFN."""
 
-    def __init__(self, hidden=32, heads=2, ffn=64, softmax_dim=-1):
+    def __init__(self, hidden=32, heads=2, ffn=None, softmax_dim=-1):
+        ffn = ffn or 2 * hidden  # widening: an FFN candidate
         super().__init__()
         self.heads, self.softmax_dim = heads, softmax_dim
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
@@ -30,12 +31,16 @@ class Block(nn.Module):
 
 
 class Tiny(nn.Module):
-    def __init__(self, layers=2, hidden=32, softmax_dim=-1):
+    def __init__(self, layers=2, hidden=32, softmax_dim=-1, graph_break=False):
         super().__init__()
+        self.graph_break = graph_break
         self.blocks = nn.ModuleList(Block(hidden, softmax_dim=softmax_dim) for _ in range(layers))
 
     def forward(self, x):
-        for blk in self.blocks:
+        x = self.blocks[0](x)
+        if self.graph_break:
+            torch._dynamo.graph_break()  # two Dynamo graphs (not inside the loop: Dynamo resumes after it)
+        for blk in self.blocks[1:]:
             x = blk(x)
         return x
 
@@ -49,6 +54,12 @@ def unsupported_factory(layers=1, hidden=32, seq=32, batch=2):
     """Attention whose softmax runs over the queries (dim -2): a spelling spt must not rewrite."""
     torch.manual_seed(0)
     return Tiny(layers, hidden, softmax_dim=-2), (torch.randn(batch, seq, hidden),)
+
+
+def breaking_factory(layers=2, hidden=32, seq=32, batch=2):
+    """A graph break between the blocks: two Dynamo graphs."""
+    torch.manual_seed(0)
+    return Tiny(layers, hidden, graph_break=True), (torch.randn(batch, seq, hidden),)
 
 
 OPTIONS = {"min_seq_len": 1}

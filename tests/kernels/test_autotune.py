@@ -166,13 +166,13 @@ def _chunks_used(monkeypatch):
 def test_cpu_attention_tunes_its_chunk_and_matches_untuned(autotune_on, monkeypatch):
     q, k, v, idx = _attention_inputs(n=512)
     expect, expect_lse = ref.sparse_attention_forward(q, k, v, idx, None, True, 0.25, 0.0, None, chunk=512)
-    # elements per query row = B*H*Nk = 1024: budget 2^18 gives 256-row chunks, 2^20 and up all 512 rows (one
-    # candidate each); make the small chunks the faster
+    # elements per query row = B*H*Nk = 1024: the default budget 2^22 gives one 512-row chunk, 2^18 256-row
+    # chunks, the others 512 rows again (not timed twice); make the small chunks the faster
     timer = FakeTimer(lambda cfg: cfg["budget"] / 1e6)
     autotune.set_timer(timer)
     seen = _chunks_used(monkeypatch)
     out, lse = ref.sparse_attention_forward(q, k, v, idx, None, True, 0.25, 0.0, None)
-    assert [c["budget"] for c in timer.calls] == [1 << 18, 1 << 20]
+    assert [c["budget"] for c in timer.calls] == [1 << 22, 1 << 18]
     assert seen[-1] == 256  # the real run used the tuned chunk, not the reference default
     torch.testing.assert_close(out, expect)
     torch.testing.assert_close(lse, expect_lse)
@@ -250,10 +250,76 @@ def test_router_chunk_is_a_cpu_tunable(autotune_on, monkeypatch):
     monkeypatch.setenv("SPT_AUTOTUNE", "0")
     expect = router.oracle_scores(x, w1, None, None, None, perm, "gelu", 8)
     monkeypatch.setenv("SPT_AUTOTUNE", "1")
-    # 256 fp32 neurons = 1 KiB per token row: 2^19 bytes -> 512-row chunks, 2^20 and up -> all 600 rows
+    autotune.invalidate()  # the key was resolved untuned above; the environment is read for new keys only
+    # 256 fp32 neurons = 1 KiB per token row: the default 2^21 bytes -> all 600 rows, 2^19 -> 512-row chunks
     timer = FakeTimer(lambda cfg: cfg["budget"] / 1e6)
     autotune.set_timer(timer)
     torch.testing.assert_close(router.oracle_scores(x, w1, None, None, None, perm, "gelu", 8), expect)
-    assert [c["budget"] for c in timer.calls] == [1 << 19, 1 << 20]
+    assert [c["budget"] for c in timer.calls] == [1 << 21, 1 << 19]
     e = autotune.lookup("ffn_cpu_router", (256, 1024, 1024))
     assert e["config"]["meta"] == {"budget": 1 << 19} and e["device"] == autotune.cpu_model()
+
+
+def test_tune_stage_times_a_whole_stage_per_forced_candidate(autotune_on):
+    """For launchers without a bench closure: the stage runs with each candidate forced for one (kernel, key)."""
+    _toy()
+    autotune.register_candidates("toy2", TOY[:2], kind="cpu")
+    launched = []
+
+    def stage():  # two launches of "toy" with different keys, one of "toy2"
+        for key in (("a",), ("b",)):
+            launched.append(("toy", key, autotune.get_config("toy", key)["tile"]))
+        launched.append(("toy2", ("c",), autotune.get_config("toy2", ("c",))["tile"]))
+
+    fastest = {("a",): 32, ("b",): 16, ("c",): 16}
+
+    def timer(fn, cfg):  # a stage's "time": each launch costs 1 with its key's fastest tile, else 2
+        launched.clear()
+        fn()
+        return sum(1.0 if tile == fastest[key] else 2.0 for _, key, tile in launched)
+
+    autotune.set_timer(timer)
+    made = autotune.tune_stage(stage)
+    assert sorted((e["kernel"], tuple(e["key"]), e["config"]["meta"]["tile"]) for e in made) == [
+        ("toy", ("a",), 32), ("toy", ("b",), 16), ("toy2", ("c",), 16)]
+    assert all(e["time_ms"] == e["default_ms"] - 1.0 for e in made)  # one launch got faster each time
+    autotune.set_timer(_no_timing)
+    assert autotune.tune_stage(stage) == []  # everything applies now: nothing timed again
+    assert [autotune.get_config("toy", k)["tile"] for k in (("a",), ("b",))] == [32, 16]
+    with autotune.forced({"toy": TOY[3]}):
+        assert autotune.get_config("toy", ("a",))["tile"] == 64
+    assert autotune.get_config("toy", ("a",))["tile"] == 32
+
+
+def test_site_keys_match_the_keys_the_cpu_stages_tune(autotune_on):
+    from spt_compile.kernels import cpu_tunables
+    q, k, v, idx = _attention_inputs(n=512)
+    autotune.set_timer(FakeTimer(lambda cfg: cfg["budget"] / 1e6))
+    ref.sparse_attention_forward(q, k, v, idx, None, True, 0.25, 0.0, None)
+    keys = cpu_tunables.attention_site_keys(1, 2, 512, 512, 16, idx.shape[-1], torch.float32)
+    assert autotune.lookup("attention_cpu_forward", keys["attention_cpu_forward"]) is not None
+    assert autotune.describe("attention_cpu_forward", keys["attention_cpu_forward"]).startswith("budget=262144")
+    assert autotune.describe("attention_cpu_select", keys["attention_cpu_select"]) == "untuned"
+
+
+def test_site_kernel_keys_from_snapshot_arguments(autotune_on):
+    """The keys the inspection report looks up, from op arguments as graph_snapshot records them."""
+    t = lambda *shape: {"shape": list(shape), "dtype": "float32", "itemsize": 4, "device": "cpu"}  # noqa: E731
+    attn = {"op": "spt.pq_sparse_attention.default", "q": t(1, 2, 512, 16), "k": t(1, 2, 512, 16),
+            "v": t(1, 2, 512, 16), "density": 0.25, "min_seq_len": 128}
+    keys = dict(autotune.site_kernel_keys("spt.pq_sparse_attention", attn))
+    assert keys == {"attention_cpu_select": ("float32", 16, 512, 1024),
+                    "attention_cpu_forward": ("float32", 16, 512, 1024),
+                    "attention_cpu_backward": ("float32", 16, 512, 1024)}
+    q, k, v, idx = _attention_inputs(n=512)
+    assert idx.shape[-1] == 128  # the same L as the site's density
+    autotune.set_timer(FakeTimer(lambda cfg: cfg["budget"] / 1e6))
+    ref.sparse_attention_forward(q, k, v, idx, None, True, 0.25, 0.0, None)
+    assert autotune.lookup("attention_cpu_forward", keys["attention_cpu_forward"]) is not None
+    exact = dict(autotune.site_kernel_keys("spt.pq_sparse_attention", {**attn, "density": 1.0}))
+    assert "attention_cpu_select" not in exact and "attention_cpu_forward" in exact
+    ffn = {"op": "spt.routed_ffn.default", "x": t(2, 300, 32), "w1": t(256, 32), "num_blocks": 8, "top_k": 4}
+    assert autotune.site_kernel_keys("spt.routed_ffn", ffn) == [("ffn_cpu_router", (256, 1024, 1024))]
+    assert autotune.site_kernel_keys("spt.routed_ffn", {**ffn, "top_k": 8}) == []
+    symbolic = {**attn, "q": {**attn["q"], "shape": [1, 2, "s0", 16]}}
+    assert autotune.site_kernel_keys("spt.pq_sparse_attention", symbolic) == []

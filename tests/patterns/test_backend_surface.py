@@ -91,4 +91,4 @@ def test_cli_lists_options():
     for key in OPTION_DOCS:
         assert key in out.stdout
     bad = subprocess.run([sys.executable, "-m", "spt_compile", "nope"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "usage" in bad.stdout
+    assert bad.returncode == 2 and "usage" in bad.stderr  # errors go to stderr

@@ -1,0 +1,244 @@
+"""Query-tile sparse attention (lowering/reference/tiled_attention.py) against fp64 ground truths.
+
+- attention over a tiled idx: forward and every gradient (q, k, v, a trainable mask) equal autograd through a
+  dense fp64 formulation in which query i sees exactly its tile's kept keys that it may attend to; dropout is
+  replayed through the same per-slot keep mask;
+- exact mode (every key of the tile's union) equals SDPA / eager, incl. fully masked rows;
+- selection: each tile keeps L_tile keys (the formula of lowering/formulas.py), distinct, ascending, allowed,
+  and the top ones by an independently computed fp64 per-query-normalised PQ mass.
+T in {1, 16, 64, 5 (not a power of two)}, N not a multiple of T, every mask kind, causal, GQA, fp32/bf16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys, attention_tile_slots
+from spt_compile.lowering.reference import pq_attention as ref
+from spt_compile.lowering.reference import tiled_attention as ta
+
+TILES = (1, 5, 16, 64)
+MASKS = ("none", "causal", "bool", "pad_inf", "pad_finfo_min", "bias", "bias_causal")
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def build_mask(kind, b, h, nq, nk, dtype, g, full_row):
+    """(mask, is_causal, trainable). full_row: one row with no allowed key (bool/-inf) or only finfo.min keys."""
+    if kind in ("none", "causal"):
+        return None, kind == "causal", False
+    fmin = torch.finfo(dtype).min
+    if kind == "bool":
+        m = torch.rand(b, 1, nq, nk, generator=g) < 0.5
+        if full_row:
+            m[0, :, nq // 2] = False
+        return m, False, False
+    if kind.startswith("pad"):
+        lens = torch.randint(1, nk + 1, (b,), generator=g)
+        if full_row:
+            lens[0] = 0
+        m = torch.zeros(b, 1, 1, nk, dtype=dtype)
+        m[(torch.arange(nk)[None, :] >= lens[:, None])[:, None, None, :]] = -math.inf if kind == "pad_inf" else fmin
+        return m, False, False
+    m = torch.randn(b if kind == "bias" else 1, h, nq, nk, generator=g, dtype=torch.float64).to(dtype)
+    if full_row:
+        m[0, 0, nq // 2] = fmin
+    return m, kind == "bias_causal", True
+
+
+def allowed_dense(mask, is_causal, b, h, nq, nk):
+    a = torch.ones(b, h, nq, nk, dtype=torch.bool)
+    if mask is not None:
+        a &= (mask if mask.dtype == torch.bool else torch.isfinite(mask)).expand(b, h, nq, nk)
+    if is_causal:
+        a &= torch.ones(nq, nk, dtype=torch.bool).tril()
+    return a
+
+
+def kept_dense(idx, tile, nq, nk):
+    """[B, H, Nq, Nk] bool: key j is in query i's tile list; and the slot of each kept key (for dropout)."""
+    b, h, nt, L = idx.shape
+    rows = idx.repeat_interleave(tile, 2)[:, :, :nq]  # [B, H, Nq, L]
+    kept = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool)
+    kept.scatter_(-1, torch.where(rows >= 0, rows.long(), nk), True)
+    slot = torch.zeros(b, h, nq, nk + 1, dtype=torch.long)
+    slot.scatter_(-1, torch.where(rows >= 0, rows.long(), nk), torch.arange(L).expand(b, h, nq, L))
+    return kept[..., :nk], slot[..., :nk]
+
+
+def dense_tiled(q, k, v, mask, is_causal, scale, idx, tile, dropout_p=0.0, keep=None):
+    """Autograd-able step 4 of the semantics: query i over kept_i & allowed_i; a row with none gives zeros."""
+    b, h, nq, _ = q.shape
+    nk, grp = k.shape[2], h // k.shape[1]
+    kept, slot = kept_dense(idx, tile, nq, nk)
+    ok = kept & allowed_dense(mask, is_causal, b, h, nq, nk)
+    s = scale * q @ k.repeat_interleave(grp, 1).transpose(-1, -2)
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + torch.where(torch.isfinite(mask), mask.to(s.dtype), 0.0)
+    row = ok.any(-1, keepdim=True)
+    p = torch.where(row, torch.softmax(s.masked_fill(~ok, -math.inf).masked_fill(~row, 0.0), -1), 0.0)
+    if keep is not None:
+        p = p * torch.gather(keep, -1, slot).to(p.dtype) / (1.0 - dropout_p)
+    return p @ v.repeat_interleave(grp, 1)
+
+
+@st.composite
+def cases(draw):
+    hkv, grp = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    tile = draw(st.sampled_from(TILES))
+    nq = draw(st.integers(1, 3 * max(tile, 8) - 1))
+    nk = nq if draw(st.booleans()) else draw(st.integers(1, 40))
+    return dict(b=draw(st.integers(1, 2)), hkv=hkv, h=hkv * grp, nq=nq, nk=nk, d=draw(st.sampled_from([8, 16])),
+                tile=tile, kind=draw(st.sampled_from(MASKS)), full_row=draw(st.booleans()),
+                density=draw(st.sampled_from([0.125, 0.25, 0.5, 1.0])), min_keys=draw(st.sampled_from([1, 4, 64])),
+                dropout=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def setup(c, dtype=torch.float64):
+    g = torch.Generator().manual_seed(c["seed"])
+    b, h, hkv, nq, nk, d = c["b"], c["h"], c["hkv"], c["nq"], c["nk"], c["d"]
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in
+               ((b, h, nq, d), (b, hkv, nk, d), (b, hkv, nk, d)))
+    dout = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64)
+    mask, causal, trainable = build_mask(c["kind"], b, h, nq, nk, dtype, g, c["full_row"])
+    return q, k, v, dout, mask, causal, trainable
+
+
+def select(q, k, mask, causal, c, scale):
+    L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
+    if c["density"] >= 1.0:
+        return ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"], L, q.device)
+    cb, codes = ref.pq_quantize(k.float(), 4, 4, 1)
+    return ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+
+
+def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None):
+    out, lse = ta.tiled_attention_forward(q, k, v, idx, mask, causal, scale, c["tile"], c["dropout"], seed_t,
+                                          chunk=chunk)
+    dq, dk, dv, dm = ta.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, c["tile"],
+                                                 c["dropout"], seed_t, trainable, chunk=chunk)
+    return [out, dq, dk, dv] + ([dm] if trainable else []), lse
+
+
+def run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v) + ((mask,) if trainable else ())]
+    out = dense_tiled(*leaves[:3], leaves[3] if trainable else mask, causal, scale, idx, c["tile"], c["dropout"],
+                      keep)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(cases())
+def test_tiled_attention_equals_dense_formulation_fp64(c):
+    q, k, v, dout, mask, causal, trainable = setup(c)
+    scale = 1 / math.sqrt(c["d"])
+    idx = select(q, k, mask, causal, c, scale)
+    assert idx.shape == (c["b"], c["h"], attention_num_tiles(c["nq"], c["tile"]),
+                         attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal))
+    seed_t = torch.tensor(c["seed"]) if c["dropout"] > 0 else None
+    keep = ref.dropout_keep((c["b"], c["h"], c["nq"], idx.shape[-1]), c["dropout"], seed_t, q.device) \
+        if c["dropout"] > 0 else None
+    got, lse = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t)
+    want = run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep)
+    for name, a, t in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
+        assert a.shape == t.shape and a.dtype == t.dtype, name
+        assert (a - t).abs().max().item() <= 1e-10 * max(1.0, t.abs().max().item()), name
+    # chunking over tiles changes nothing (one tile per chunk vs the default)
+    got1, _ = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=1)
+    for a, a1 in zip(got, got1):
+        assert torch.allclose(a, a1, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(cases(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_tiled_attention_low_precision_is_as_accurate_as_dense(c, dtype):
+    """In fp32 / bf16 the tiled path may be at most 2x as far from the fp64 truth as the dense formulation
+    computed in the same dtype (plus a few-ulp floor)."""
+    c = {**c, "dropout": 0.0}
+    q, k, v, dout, mask, causal, trainable = setup(c, dtype)
+    scale = 1 / math.sqrt(c["d"])
+    idx = select(q, k, mask, causal, c, scale)
+    lo = [t.to(dtype) for t in (q, k, v, dout)]
+    got, _ = run_tiled(*lo, mask, trainable, causal, scale, idx, c, None)
+    base = run_dense(*lo, mask, trainable, causal, scale, idx, c, None)
+    truth = run_dense(q, k, v, dout, None if mask is None else (mask if mask.dtype == torch.bool else mask.double()),
+                      trainable, causal, scale, idx, c, None)
+    for name, a, s_, t in zip(("out", "dq", "dk", "dv", "dmask"), got, base, truth):
+        assert a.dtype == s_.dtype and torch.isfinite(a).all(), name
+        err, berr = (a.double() - t).abs().max().item(), (s_.double() - t).abs().max().item()
+        assert err <= 2 * berr + 8 * torch.finfo(dtype).eps * max(1.0, t.abs().max().item()), (name, err, berr)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(cases())
+def test_tile_selection_contract(c):
+    q, k, _, _, mask, causal, _ = setup(c, torch.float32)
+    q, k = q.float(), k.float()
+    scale = 1 / math.sqrt(c["d"])
+    c = {**c, "density": min(c["density"], 0.5)}
+    cb, codes = ref.pq_quantize(k, 4, 4, 1)
+    L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
+    idx = ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+    b, h, nq, nk, tile = c["b"], c["h"], c["nq"], c["nk"], c["tile"]
+    nt = attention_num_tiles(nq, tile)
+    valid = idx >= 0
+    assert torch.equal(valid, valid.cummin(-1).values), "valid slots first"
+    big = torch.where(valid, idx.long(), 1 << 40)
+    assert (big[..., 1:] > big[..., :-1]).logical_or(~valid[..., 1:]).all(), "ascending and distinct"
+    allowed = allowed_dense(mask, causal, b, h, nq, nk)
+    pad = torch.nn.functional.pad(allowed, (0, 0, 0, nt * tile - nq))
+    union = pad.reshape(b, h, nt, tile, nk).any(3)  # [B, H, nT, Nk]
+    strict = allowed.clone()
+    if mask is not None and mask.dtype != torch.bool:
+        strict &= (mask > torch.finfo(mask.dtype).min / 2).expand_as(strict)
+    sizing = torch.nn.functional.pad(strict, (0, 0, 0, nt * tile - nq)).reshape(b, h, nt, tile, nk).any(3).sum(-1)
+    want_n = torch.minimum(attention_tile_keys(sizing, c["density"], c["min_keys"]), union.sum(-1))
+    assert torch.equal(valid.sum(-1).long(), want_n), "L_tile keys per tile"
+    sel = torch.zeros(b, h, nt, nk + 1, dtype=torch.bool).scatter_(-1, torch.where(valid, idx.long(), nk), True)
+    sel = sel[..., :nk]
+    assert not (sel & ~union).any(), "a key no query of the tile may see was kept"
+    # independent fp64 mass: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile
+    khat = ref.reconstruct_keys(cb, codes).double().repeat_interleave(h // c["hkv"], 1)
+    s = scale * q.double() @ khat.transpose(-1, -2)
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + torch.where(torch.isfinite(mask), mask.double().clamp(min=torch.finfo(torch.float32).min), 0.0)
+    s = s.masked_fill(~allowed, -math.inf)
+    row = allowed.any(-1, keepdim=True)
+    p = torch.where(row, torch.softmax(s.masked_fill(~row, 0.0), -1), 0.0)
+    mass = torch.nn.functional.pad(p, (0, 0, 0, nt * tile - nq)).reshape(b, h, nt, tile, nk).sum(3)
+    worst_kept = mass.masked_fill(~sel, math.inf).amin(-1)
+    best_left = mass.masked_fill(sel | ~union, -math.inf).amax(-1)
+    assert (best_left <= worst_kept + 1e-5 * (1 + mass.amax())).all(), "a left-out key had more mass"
+
+
+def test_lmax_is_the_largest_l_tile_and_shapes_only():
+    for nq, nk, causal in ((100, 100, True), (100, 300, True), (300, 100, True), (77, 50, False)):
+        for density, lmin in ((0.25, 64), (0.125, 8), (1.0, 1)):
+            lmax = attention_tile_slots(nq, nk, density, lmin, causal)
+            visible = min(nk, nq) if causal else nk
+            assert lmax == min(visible, max(lmin, math.ceil(density * visible)))
+    # causal tiles are sized by what they may see: early tiles are short, so causal saves like bidirectional
+    q = torch.randn(1, 1, 256, 16)
+    k = torch.randn(1, 1, 256, 16)
+    cb, codes = ref.pq_quantize(k, 4, 4, 1)
+    idx = ta.select_tiles(q, cb, codes, None, True, 0.25, 64, 0.25, 16, attention_tile_slots(256, 256, 0.25, 16, True))
+    assert (idx >= 0).sum(-1)[0, 0].tolist() == [16, 32, 48, 64]
+
+
+def test_exact_mode_tiles_equal_sdpa_with_padding_rows():
+    """Density 1: every key of the tile's union; a fully padded (finfo.min) sequence attends uniformly."""
+    b, h, n, d = 2, 2, 45, 16
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(b, 1, 1, n, dtype=torch.float64)
+    mask[0] = torch.finfo(torch.float64).min
+    mask[1, ..., 30:] = torch.finfo(torch.float64).min
+    for tile in TILES:
+        for causal in (False, True):
+            L = attention_tile_slots(n, n, 1.0, 64, causal)
+            idx = ta.tile_allowed_indices(mask, causal, (b, h, n, n), tile, L, q.device)
+            out, _ = ta.tiled_attention_forward(q, k, v, idx, mask, causal, 0.3, tile, 0.0, None)
+            s = 0.3 * q @ k.transpose(-1, -2) + mask
+            if causal:
+                s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+            assert torch.allclose(out, s.softmax(-1) @ v, atol=1e-12), (tile, causal)
