@@ -19,6 +19,7 @@ Steps:
   attention python3 bench/attention.py --quick
   ffn       python3 bench/ffn.py --quick
   finetune  python3 bench/finetune.py --quick (when bench/finetune.py exists)
+The benches run with SPT_AUTOTUNE=0 (first-fit configs) unless --autotune.
 """
 from __future__ import annotations
 
@@ -119,8 +120,10 @@ def judge_versions(step: Step, rc: int, log: str, work: Path) -> tuple[bool, str
     return True, detail
 
 
-def plan(tests: str = "tests", install: bool = True) -> list[Step]:
-    """The steps of the GPU check, in order."""
+def plan(tests: str = "tests", install: bool = True, autotune: bool = False) -> list[Step]:
+    """The steps of the GPU check, in order. The benches run the first-fit configs unless `autotune` (timing
+    every candidate of every kernel compiles each of them: minutes the 5-minute budget does not have)."""
+    bench_env = {"TRITON_INTERPRET": "0", "SPT_AUTOTUNE": "1" if autotune else "0"}
     steps = []
     if install:
         steps.append(Step("install", [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
@@ -130,11 +133,11 @@ def plan(tests: str = "tests", install: bool = True) -> list[Step]:
     steps.append(Step("pytest", [PY, "-m", "pytest", "-m", "gpu", tests, "-q", "-rs", "-p", "no:cacheprovider",
                                  "--continue-on-collection-errors", "--junitxml", "{work}/pytest-gpu.xml"], 180,
                       env={"TRITON_INTERPRET": "0"}, judge=judge_pytest))
-    steps.append(Step("attention", [PY, "bench/attention.py", "--quick"], 60, env={"TRITON_INTERPRET": "0"}))
-    steps.append(Step("ffn", [PY, "bench/ffn.py", "--quick"], 60, env={"TRITON_INTERPRET": "0"}))
+    steps.append(Step("attention", [PY, "bench/attention.py", "--quick"], 60, env=bench_env))
+    steps.append(Step("ffn", [PY, "bench/ffn.py", "--quick"], 60, env=bench_env))
     finetune = REPO / "bench" / "finetune.py"
     steps.append(Step("finetune", [PY, "bench/finetune.py", "--quick", "--budget", "50", "--out", "{work}/results"],
-                      60, env={"TRITON_INTERPRET": "0"},
+                      60, env=bench_env,
                       skip_reason="" if finetune.exists() else "bench/finetune.py does not exist"))
     return steps
 
@@ -283,9 +286,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tests", default="tests", help="what `pytest -m gpu` collects (default: tests)")
     ap.add_argument("--only", help="comma-separated step names to run (default: all)")
     ap.add_argument("--no-install", action="store_true", help="skip the pip install step (already installed)")
+    ap.add_argument("--autotune", action="store_true", help="let the benches tune kernel configs (slower)")
     ap.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     args = ap.parse_args(argv)
-    steps = plan(args.tests, install=not args.no_install)
+    steps = plan(args.tests, install=not args.no_install, autotune=args.autotune)
     if args.only:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - {s.name for s in steps})

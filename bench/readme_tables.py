@@ -9,7 +9,8 @@ README.md marks each rendered region:
 `python bench/readme_tables.py` rewrites every marked region; `--check` changes nothing and exits 1 (printing
 a diff) when README.md is stale, 2 when a marker names a result file that does not exist or cannot be rendered.
 The view of a result file is chosen by its bench name (the file name without the machine suffix): `ffn` is
-pivoted to one row per shape, `attention` drops the absolute times; any other bench shows its first table.
+pivoted to one row per shape, `attention` drops the absolute times, `demo` is the printed output of a run (the
+file's first fenced block, verbatim); any other bench shows its first table.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Result:
     date: str
     torch: str
     tables: list[Table]
+    text: str
 
 
 def _cells(line: str) -> list[str]:
@@ -58,7 +60,8 @@ def _cells(line: str) -> list[str]:
 def parse_result(path: str) -> Result:
     """The header fields (`- machine: ...`) and every markdown table of a bench result file."""
     with open(path) as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
     fields, tables, heading, i = {}, [], "", 0
     while i < len(lines):
         line = lines[i]
@@ -79,7 +82,7 @@ def parse_result(path: str) -> Result:
         raise RenderError(f"{path}: no '- machine: ...' line (bench/_common.py write_result writes one)")
     if not tables:
         raise RenderError(f"{path}: no markdown table")
-    return Result(path, fields["machine"], fields.get("date", "?"), fields.get("torch", "?"), tables)
+    return Result(path, fields["machine"], fields.get("date", "?"), fields.get("torch", "?"), tables, text)
 
 
 def markdown(headers, rows) -> str:
@@ -119,7 +122,15 @@ def view_first_table(res: Result) -> str:
 
 # bench name -> view; a result file `<bench>-<machine slug>.md` takes the view of the longest bench name it starts
 # with, so 'attention-memory-cpu' must not fall under 'attention'
-VIEWS = {"ffn": view_ffn, "attention": view_attention, "attention-memory": view_first_table}
+def view_output(res: Result) -> str:
+    """A command's printed output, kept as the file's first fenced block (e.g. a `demo` run written by the demo)."""
+    m = re.search(r"^```[^\n]*\n.*?^```$", res.text, re.DOTALL | re.MULTILINE)
+    if not m:
+        raise RenderError(f"{res.path}: no fenced output block")
+    return m.group(0)
+
+
+VIEWS = {"ffn": view_ffn, "attention": view_attention, "attention-memory": view_first_table, "demo": view_output}
 
 
 def view_for(stem: str):

@@ -11,6 +11,9 @@ KERNEL_MODULES = (
     "attention_topk",  # lookup-table scoring + streaming top-L key selection
     "attention_fwd",   # sparse attention forward over the selected keys (out, lse)
     "attention_bwd",   # sparse attention backward: dQ, and dK/dV via the transposed index
+    "attention_tiled_select",  # query-tile selection: PQ scoring, per-query normaliser, tile mass, top-L
+    "attention_tiled_fwd",     # query-tile attention forward: tl.dot tiles over the gathered key list
+    "attention_tiled_bwd",     # query-tile attention backward: dQ per tile, dK/dV per key block
     "routing",         # routed FFN prologue: per-block counts, offsets, token order by block
     "grouped_gemm",    # routed FFN grouped GEMMs forward and backward
 )

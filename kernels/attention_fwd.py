@@ -111,16 +111,27 @@ def per_thread(cfg: autotune.KernelConfig, block: str, bd: int) -> int:
     return cfg[block] * bd // (32 * cfg.num_warps)
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
+# fp32 values per thread of one gathered [BLOCK_L, BLOCK_D] tile. The k and v chunks are live together (plus
+# the next chunk's prefetch): triton 3.9 compiles this kernel at D = 64 in ~107 registers and spills at D = 128
+# beyond 32 values per thread; triton 3.6 needs twice the registers (~214 at D = 64) and spills at D = 128 beyond
+# 16 (cuobjdump, sm_80 and sm_90, every dtype; docs/COMPAT.md). Versions between are not measured: 16 for them.
+FWD_BUDGET = 32 if _triton_at_least(3, 9) else 16
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
-    # key = (BLOCK_D, BLOCK_DV, dtype name). The k and v chunks are live together (plus the next
-    # chunk's prefetch): at > 32 fp32 values per thread per tile, D = 128 spilled on sm_80/sm_90.
-    return per_thread(cfg, "BLOCK_L", max(key[0], key[1])) <= 32
+    # key = (BLOCK_D, BLOCK_DV, dtype name)
+    return per_thread(cfg, "BLOCK_L", max(key[0], key[1])) <= FWD_BUDGET
 
 
 CANDIDATES = [
     autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=32),
     autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=64),
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=16),
+    autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=32),  # D = 128 at the 16-value budget
 ]
 autotune.register_candidates(KERNEL, CANDIDATES, fits=_fits)
 
@@ -143,7 +154,7 @@ def _aot_signature(dt: str) -> dict:
 
 
 def _aot_constexprs(cfg: autotune.KernelConfig, dt: str) -> dict:
-    bd = aot_block_d(cfg)
+    bd = aot_block_d(cfg, budget=FWD_BUDGET)
     return {"HAS_MASK": True, "IS_CAUSAL": True, "DROPOUT": True,
             "BLOCK_L": cfg["BLOCK_L"], "BLOCK_D": bd, "BLOCK_DV": bd}
 

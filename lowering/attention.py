@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.lowering.formulas import attention_is_exact
+from spt_compile.lowering.formulas import attention_is_exact, attention_num_tiles, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,7 +34,7 @@ seed: int64 0-dim tensor, required when dropout_p > 0.
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, density: float,
                 pq_subspaces: int, pq_centroids: int, kmeans_iters: int, dropout_p: float,
-                seed: Optional[Tensor], min_seq_len: int = 0) -> None:
+                seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0, min_keys: int = 64) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {tuple(t.shape)}")
@@ -70,6 +70,10 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
         raise ValueError(f"scale must be finite, got {scale}")
     if not (isinstance(min_seq_len, int) and min_seq_len >= 0):
         raise ValueError(f"min_seq_len must be an int >= 0, got {min_seq_len}")
+    if not (isinstance(query_tile, int) and query_tile >= 0):
+        raise ValueError(f"query_tile must be an int >= 0 (0 = per-query selection), got {query_tile}")
+    if not (isinstance(min_keys, int) and min_keys >= 1):
+        raise ValueError(f"min_keys must be an int >= 1, got {min_keys}")
     if dropout_p > 0:
         if seed is None:
             raise ValueError("seed (int64 0-dim tensor) is required when dropout_p > 0")
@@ -101,19 +105,23 @@ def _use_kernels(q: Tensor) -> bool:
 # explicit schemas: inferred ones would say SymInt where docs/OPS.md says int
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, float density, "
                "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed, "
-               "int min_seq_len=0) -> (Tensor out, Tensor idx, Tensor lse)")
+               "int min_seq_len=0, int query_tile=0, int min_keys=64) -> (Tensor out, Tensor idx, Tensor lse)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor idx, Tensor? mask, "
-               "bool is_causal, float scale, float dropout_p, Tensor? seed, bool mask_grad=False, int min_seq_len=0) "
+               "bool is_causal, float scale, float dropout_p, Tensor? seed, bool mask_grad=False, int min_seq_len=0, "
+               "int query_tile=0) "
                "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)")
 
 
 @torch.library.custom_op("spt::pq_sparse_attention", mutates_args=(), schema=_FWD_SCHEMA)
 def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                            density: float, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
-                           dropout_p: float, seed: Optional[Tensor],
-                           min_seq_len: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                           dropout_p: float, seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0,
+                           min_keys: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len)
+                min_seq_len, query_tile, min_keys)
+    if query_tile:
+        return _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters,
+                              dropout_p, seed, min_seq_len, query_tile, min_keys)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     L = ref.num_kept(nk, density)
@@ -141,15 +149,34 @@ def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
 pq_sparse_attention_op.__doc__ = _DOC
 
 
+def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p,
+                   seed, min_seq_len, tile, min_keys):
+    """Query-tile mode (docs/OPS.md "query tiles"): plain-PyTorch stages on every device, CUDA included
+    (there are no Triton kernels for tiles yet)."""
+    from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
+    from spt_compile.lowering.reference import tiled_attention as ta
+    idx = tiled_select(q, k, mask, is_causal, scale, density, tile, min_keys, pq_subspaces, pq_centroids,
+                       kmeans_iters, min_seq_len)  # [B, H, ceil(Nq/T), L_max]
+    run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
+    out, lse = ta.tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
+    return out.contiguous(), idx.contiguous(), lse.contiguous()
+
+
 @pq_sparse_attention_op.register_fake
 def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-      min_seq_len=0):
+      min_seq_len=0, query_tile=0, min_keys=64):
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len)
+                min_seq_len, query_tile, min_keys)
     b, h, nq, _ = q.shape
-    L = ref.num_kept(k.shape[2], density)  # sizes only: the same L whether or not Nk < min_seq_len
+    nk = k.shape[2]
+    # sizes only: the same shapes whether or not Nk < min_seq_len
+    if query_tile:
+        idx_shape = (b, h, attention_num_tiles(nq, query_tile),
+                     attention_tile_slots(nq, nk, density, min_keys, is_causal))
+    else:
+        idx_shape = (b, h, nq, ref.num_kept(nk, density))
     out = q.new_empty((b, h, nq, v.shape[3]))
-    idx = q.new_empty((b, h, nq, L), dtype=torch.int32)
+    idx = q.new_empty(idx_shape, dtype=torch.int32)
     lse = q.new_empty((b, h, nq), dtype=torch.float32)
     return out, idx, lse
 
@@ -162,11 +189,19 @@ def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmea
 def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     idx: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                                     dropout_p: float, seed: Optional[Tensor], mask_grad: bool = False,
-                                    min_seq_len: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    min_seq_len: int = 0, query_tile: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask) of pq_sparse_attention's out for the kept keys idx (exact gradients of step 4).
 
     dmask is d out / d mask when mask_grad (mask.shape, mask.dtype), else an empty [0] tensor."""
     _check_mask_grad(mask, mask_grad)
+    if query_tile:
+        from spt_compile.lowering.attention_tiled import rebuild_exact
+        from spt_compile.lowering.reference import tiled_attention as ta
+        run_idx = rebuild_exact(idx, q, k, mask, is_causal, query_tile, min_seq_len)
+        dq, dk, dv, dmask = ta.tiled_attention_backward(dout.contiguous(), q, k, v, out, lse, run_idx, mask,
+                                                        is_causal, scale, query_tile, dropout_p, seed, mask_grad)
+        dmask = dmask.contiguous() if mask_grad else q.new_empty((0,))
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     if nk < min_seq_len:  # the forward ran exact and returned an all -1 idx: rebuild the full key list
@@ -184,7 +219,8 @@ def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
 
 
 @pq_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad=False, min_seq_len=0):
+def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad=False, min_seq_len=0,
+      query_tile=0):
     _check_mask_grad(mask, mask_grad)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -201,7 +237,9 @@ def _setup_context(ctx, inputs, output):
     # O(N * (D + L)) saved: q, k, v (inputs), out, idx (int32, N * L), lse; never an N x N matrix
     ctx.save_for_backward(q, k, v, mask, out, idx, lse, seed)
     ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+    # the trailing schema defaults (min_seq_len, query_tile); autograd passes every argument, defaults filled in
     ctx.min_seq_len = int(rest[0]) if rest else 0
+    ctx.query_tile = int(rest[1]) if len(rest) > 1 else 0
     ctx.mark_non_differentiable(idx, lse)
 
 
@@ -211,9 +249,9 @@ def _backward(ctx, dout, _didx, _dlse):
     mask_grad = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype.is_floating_point
     dq, dk, dv, dmask = torch.ops.spt.pq_sparse_attention_backward(
         dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed, mask_grad,
-        ctx.min_seq_len)
+        ctx.min_seq_len, ctx.query_tile)
     # grads for q, k, v and the mask; none for the non-tensor / seed arguments
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 9
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 11
 
 
 pq_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -255,7 +293,8 @@ for _dev in ("cpu", "cuda"):
 def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
                         scale: Optional[float] = None, density: float = 0.25, pq_subspaces: int = 8,
                         pq_centroids: int = 16, kmeans_iters: int = 3, dropout_p: float = 0.0,
-                        seed: int | Tensor | None = None, min_seq_len: int = 0) -> Tensor:
+                        seed: int | Tensor | None = None, min_seq_len: int = 0, query_tile: int = 0,
+                        min_keys: int = 64) -> Tensor:
     """out [B, H, Nq, Dv] of torch.ops.spt.pq_sparse_attention with SDPA-like defaults.
 
     scale defaults to 1/sqrt(D). With dropout_p > 0 and no seed, a seed is drawn from torch's global RNG
@@ -270,5 +309,5 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
         seed = torch.tensor(seed, dtype=torch.int64)
     out, _idx, _lse = torch.ops.spt.pq_sparse_attention(
         q, k, v, mask, bool(is_causal), float(scale), float(density), int(pq_subspaces), int(pq_centroids),
-        int(kmeans_iters), float(dropout_p), seed, int(min_seq_len))
+        int(kmeans_iters), float(dropout_p), seed, int(min_seq_len), int(query_tile), int(min_keys))
     return out

@@ -47,6 +47,14 @@ def attention_tile_slots(nq: int, nk: int, density: float, min_keys: int, is_cau
     return max(1, attention_tile_keys(attention_tile_visible(nq, nk, is_causal), density, min_keys))
 
 
+def attention_tile_is_exact(nq: int, nk: int, density: float, min_keys: int, is_causal: bool,
+                            min_seq_len: int = 0) -> bool:
+    """Exact mode of the query-tile semantics: Nk < min_seq_len (decided per call), or L_max covers every key a
+    tile can see (density 1.0, or L_min that large). Each tile then lists every key its queries may attend to."""
+    visible = attention_tile_visible(nq, nk, is_causal)
+    return nk < min_seq_len or attention_tile_slots(nq, nk, density, min_keys, is_causal) >= visible
+
+
 def attention_num_tiles(nq: int, tile: int) -> int:
     """ceil(Nq / T): query tiles of T consecutive positions, the last one possibly short."""
     return -(-nq // tile)

@@ -19,6 +19,7 @@ from spt_compile.graph_snapshot import capture_rewrite
 from spt_compile.inspect_logs import configure as configure_logging, log_compile
 from spt_compile.options import SptOptions
 from spt_compile.report import Report, record_compile
+from spt_compile.patterns.graph_utils import user_module_names
 from spt_compile.rewrite import rewrite_graph
 
 log = logging.getLogger("spt_compile")
@@ -31,7 +32,8 @@ def spt_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     if kwargs:
         raise ValueError(f"backend 'spt' got unexpected argument(s) {sorted(kwargs)}; pass settings via options={{...}}")
     report = Report(options=options.as_dict(), **_frame_identity())
-    gm = capture_rewrite(rewrite_graph, gm, example_inputs, options, report, graph_index=0)
+    with user_module_names(_compiled_root()):
+        gm = capture_rewrite(rewrite_graph, gm, example_inputs, options, report, graph_index=0)
     record_compile(report)
     _trace_report(report)
     log_compile(log, report)
@@ -46,13 +48,15 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, options: SptOptions):
     return compile_fx(gm, example_inputs, config_patches=salted_config_patches())
 
 
-def analysis_backend(options: SptOptions, report: Report):
-    """A backend that rewrites and records but runs the original graph eagerly (used by `explain`)."""
+def analysis_backend(options: SptOptions, report: Report, root=None):
+    """A backend that rewrites and records but runs the original graph eagerly (used by `explain`); module
+    paths are named as in `root` (the user's model) when given."""
 
     def backend(gm: fx.GraphModule, example_inputs, **_):
         probe = copy.deepcopy(gm)  # analyse a copy; the user's model runs unchanged
         sub = Report(options=options.as_dict())
-        capture_rewrite(rewrite_graph, probe, example_inputs, options, sub, graph_index=0)
+        with user_module_names(root if root is not None else _compiled_root()):
+            capture_rewrite(rewrite_graph, probe, example_inputs, options, sub, graph_index=0)
         report.extend(sub)
         return gm.forward
 
@@ -61,18 +65,36 @@ def analysis_backend(options: SptOptions, report: Report):
 
 def _frame_identity() -> dict:
     """Which Dynamo frame and which (re)compile of it this graph belongs to (groups graphs in last_report())."""
-    out = {"frame": "", "frame_compile": 0, "code_name": "", "entry": _entry_key()}
+    out = {"frame": "", "frame_compile": 0, "attempt": 0, "code_name": "", "entry": _entry_key()}
     try:
         from torch._guards import CompileContext, TracingContext
-        cid = CompileContext.current_compile_id()
-        if cid is not None:
+        trace = CompileContext.current_trace_id()
+        if trace is not None:
+            cid = trace.compile_id
             out["frame"], out["frame_compile"] = str(cid.frame_id), int(cid.frame_compile_id or 0)
+            out["attempt"] = int(trace.attempt)
         tc = TracingContext.try_get()
         if tc is not None and tc.traced_code:
             out["code_name"] = tc.traced_code[0].co_name
     except Exception:  # noqa: BLE001 - provenance only; never break compilation
         pass
     return out
+
+
+def _compiled_root() -> list:
+    """The modules on the call stack, outermost first (a compiled module's original in place of the wrapper):
+    module paths are named from the outermost that contains a module (patterns/graph_utils.py)."""
+    f, roots = sys._getframe(), []
+    while f is not None:  # method receivers only (`self`), and what Dynamo's compile wrapper compiles (`fn`)
+        keys = ("self", "fn") if f.f_code.co_name == "compile_wrapper" else ("self",)
+        for key in keys:
+            obj = f.f_locals.get(key) if key in f.f_code.co_varnames + f.f_code.co_freevars else None
+            obj = getattr(obj, "__self__", obj)  # a bound forward
+            if isinstance(obj, torch.nn.Module):
+                roots.append(getattr(obj, "_orig_mod", obj))
+        f = f.f_back
+    unique = {id(r): r for r in reversed(roots)}  # outermost first
+    return list(unique.values())
 
 
 def _entry_key() -> str:

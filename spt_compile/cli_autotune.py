@@ -14,17 +14,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "torch / triton version are never applied.")
     sub = parser.add_subparsers(dest="autotune_command", metavar="{export,import,show,pretune,clear}")
     sub.required = True
-    p = sub.add_parser("export", help="write every cached entry to FILE")
-    p.add_argument("file", metavar="FILE", help="JSON file to write")
-    p = sub.add_parser("import", help="merge the entries of FILE into the cache (prints a summary)")
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text)
+
+    command("export", "write every cached entry to FILE").add_argument("file", metavar="FILE",
+                                                                        help="JSON file to write")
+    p = command("import", "merge the entries of FILE into the cache (prints a summary)")
     p.add_argument("file", metavar="FILE", help="a file written by `autotune export`")
     p.add_argument("--overwrite", action="store_true",
                    help="on a conflict (same kernel, device and key, another config) take the imported entry "
                         "(default: keep the local one)")
-    sub.add_parser("show", help="table of the cached entries: device, kernel, key, config, measured time")
-    sub.add_parser("clear", help="delete every cached entry")
-    p = sub.add_parser("pretune", help="compile MODEL with backend='spt' and tune every kernel one training step uses")
-    p.add_argument("model", metavar="MODEL", help="a zoo architecture name (see `python -m spt_compile inspect --help`)")
+    command("show", "table of the cached entries: device, kernel, key, config, measured time")
+    command("clear", "delete every cached entry")
+    p = command("pretune", "compile MODEL with backend='spt' and tune every kernel one training step uses")
+    p.add_argument("model", metavar="MODEL", help="a zoo architecture name (see `python -m spt_compile inspect "
+                                                  "--help`)")
     p.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")

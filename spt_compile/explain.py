@@ -17,7 +17,8 @@ def explain(model, *args, options=None, **kwargs) -> Report:
     """Return a Report listing every candidate attention / FFN site with its status and parameters."""
     opts = SptOptions.from_dict(options)
     report = Report(options=opts.as_dict())
-    compiled = torch.compile(model, backend=analysis_backend(opts, report), dynamic=False, fullgraph=False)
+    root = model if isinstance(model, torch.nn.Module) else None
+    compiled = torch.compile(model, backend=analysis_backend(opts, report, root), dynamic=False, fullgraph=False)
     devices = _cuda_devices(model, args, kwargs)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), dynamo_events.capture() as events:
         compiled(*args, **kwargs)

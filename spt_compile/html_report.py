@@ -137,7 +137,8 @@ def _sites_section(report) -> str:
         params = dict(s.params) if isinstance(s.params, dict) else {}
         plan = [str(params.pop(c, "")) for c in PLAN_COLUMNS]
         step = _failed_step(s)
-        kernels = "; ".join(f"{k}: {v}" for k, v in kernel_entries(s, groups.get(i)))
+        entries = kernel_entries(s, groups.get(i))
+        kernels = '<td class="kernels">' + "<br>".join(f"{_e(k)}: {_e(v)}" for k, v in entries) + "</td>"
         other = " ".join(f"{k}={v}" for k, v in params.items())
         rows.append((str(i), str(s.graph), s.kind, s.module or "?", s.source or "?", s.spelling,
                      f'<td class="status">{_e(s.status)}</td>', s.reason,

@@ -18,7 +18,8 @@ OPTION_DOCS = {
     "pq_subspaces": "PQ sub-spaces per head (M); must divide the head dim, else the largest divisor <= M is used and reported (default 8)",
     "pq_centroids": "k-means centroids per sub-space (C), 2..256 (default 16)",
     "pq_kmeans_iters": "Lloyd iterations when fitting the key codebooks, 0..20 (default 3)",
-    "min_seq_len": "attention with fewer keys than this stays dense (default 128)",
+    "min_seq_len": "attention with fewer keys than this runs exact: decided when compiling for a static length, "
+                   "by the op on every call for a symbolic one (default 128)",
     "ffn": '"routed" (default): rewrite FFNs into routed FFNs; "dense": leave FFNs alone',
     "ffn_blocks": "number of neuron blocks E per FFN; must divide the hidden width, else the largest divisor <= E is used and reported (default 16)",
     "ffn_density": "fraction of blocks each token uses, in (0, 1]; top-k = max(1, round(density * E)); 1.0 is exact mode (default 0.5)",
@@ -81,18 +82,6 @@ class SptOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @property
-    def exact_attention(self) -> bool:
-        return self.attention_density == 1.0
-
-    @property
-    def exact_ffn(self) -> bool:
-        return self.ffn_density == 1.0
-
-    def ffn_top_k(self, num_blocks: int) -> int:
-        from spt_compile.lowering.formulas import ffn_top_k
-        return ffn_top_k(num_blocks, self.ffn_density)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -55,6 +55,7 @@ class Report:
     frame_compile: int = 0    # which (re)compile of that frame
     code_name: str = ""       # the compiled function's name ("forward", "torch_dynamo_resume_in_forward_at_..")
     entry: str = ""           # the torch.compile'd callable the graph ran under (groups a model's graphs)
+    attempt: int = 0          # Dynamo restarts an analysis (e.g. to specialise a float): the last attempt counts
     dynamo: dict[str, Any] = dataclasses.field(default_factory=dict)  # graph breaks / recompiles (explain)
 
     # -- queries ------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class Report:
                 "graphs": [dataclasses.asdict(g) for g in self.graphs], "dynamo": self.dynamo}
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=str)
+        return json.dumps(self.to_dict(), indent=2, default=str)
 
     def to_dict(self) -> dict[str, Any]:
         """as_dict() plus the estimated savings per site and in total (spt_compile/savings.py)."""
@@ -142,6 +143,9 @@ _MAX_RECENT = 64
 
 def record_compile(report: Report) -> None:
     with _LOCK:
+        if report.frame:  # an analysis Dynamo restarted: the graphs of the abandoned attempt never run
+            key = (report.entry, report.frame, report.frame_compile)
+            _RECENT[:] = [r for r in _RECENT if (r.entry, r.frame, r.frame_compile) != key or r.attempt >= report.attempt]
         _RECENT.append(report)
         del _RECENT[:-_MAX_RECENT]
 
@@ -156,23 +160,31 @@ def last_report() -> Report:
     """The report of the latest compile: every graph of the model compiled last, merged, each site once.
 
     Graphs belong to the latest compile when they ran under the same torch.compile'd callable as the newest
-    graph (its graph-break frames and e.g. the loss function it calls included). When a frame was recompiled (a
-    new shape, dynamic=True), only its newest compile counts: the older graphs no longer run for the shapes
-    seen last, and their statuses would be stale."""
+    graph (its graph-break frames and e.g. the loss function it calls included). When a frame was recompiled for
+    the same modules (a new shape, dynamic=True), only its newest compile counts: the older graphs no longer run
+    for the shapes seen last, and their statuses would be stale."""
     with _LOCK:
         recent = list(_RECENT)
     if not recent:
         return Report()
     entry = recent[-1].entry
-    mine = [r for r in recent if r.entry == entry]
-    newest: dict[str, int] = {}
-    for r in mine:
-        newest[r.frame] = max(newest.get(r.frame, -1), r.frame_compile)
+    live: list[Report] = []
+    for r in (r for r in recent if r.entry == entry):
+        live = [old for old in live if not _superseded(old, r)]
+        live.append(r)
     merged = Report(entry=entry)
-    for r in mine:
-        if r.frame_compile == newest[r.frame]:
-            merged.extend(r)
+    for r in live:
+        merged.extend(r)
     return merged
+
+
+def _superseded(old: Report, new: Report) -> bool:
+    """A later compile of the same frame replaces an earlier one that covered the same modules (a new shape).
+    A recompile for another module instance (a frame traced once per layer) leaves the other layers' graphs."""
+    if not old.frame or old.frame != new.frame or old.frame_compile >= new.frame_compile:
+        return False
+    mods = lambda rep: {(s.kind, s.module) for s in rep.sites}
+    return bool(mods(old) & mods(new))
 
 
 def clear_reports() -> None:

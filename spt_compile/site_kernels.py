@@ -41,7 +41,7 @@ def kernel_entries(arguments: dict[str, Any] | None) -> list[tuple[str, str]]:
         if autotune.foreign_reason(e) is None:
             cached[e["kernel"]] = cached.get(e["kernel"], 0) + 1
     rows = []
-    for name in autotune.registered_kernels():
+    for name in autotune.registered_kernels(kind=None):  # Triton kernels and CPU tunables
         # CPU tunables are named "<family>_cpu_<stage>" (kernels/cpu_tunables.py); the rest are Triton kernels
         if not name.startswith(prefixes) or ("_cpu_" in name) != (kind == "cpu"):
             continue

@@ -79,6 +79,16 @@ def test_result_parser_reads_machine_and_tables():
         res.tables[0].column("nope")
 
 
+def test_demo_output_view_keeps_the_printed_block_verbatim(tmp_path):
+    rt = _readme_tables()
+    block = "```\nmachine: X\n| backend | step time |\n|---|---|\n| spt | 1 ms |\n```"
+    path = tmp_path / "demo-cpu.md"
+    path.write_text(f"# demo\n\n- machine: X (2 cores)\n\n{block}\n\nnotes\n")
+    assert rt.view_for("demo-cpu")(rt.parse_result(str(path))) == block
+    assert rt.view_for("attention-memory-nvidia-h200") is rt.view_first_table
+    assert rt.view_for("attention-nvidia-h200") is rt.view_attention
+
+
 def test_markdown_table_format_and_bad_rows():
     from spt_compile.measure import markdown_table
     assert markdown_table(("a", "bb"), [(1, "x"), ("long", 2.5)]).splitlines() == [

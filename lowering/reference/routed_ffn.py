@@ -243,6 +243,7 @@ class _Blocks:
         pair_order, offsets = routing_prologue(block_ids, num_blocks)
         tokens = pair_order.long() // k                                        # [T*k] token of each grouped pair
         off = offsets.tolist()  # host copy of E+1 ints: fine on the CPU path this reference serves
+        self.tokens = tokens                                                   # [T*k] token of grouped row r
         self.used = [(block_perm[e * Hb:(e + 1) * Hb], off[e], off[e + 1], tokens[off[e]:off[e + 1]])
                      for e in range(num_blocks) if off[e + 1] > off[e]]       # (neurons, lo, hi, tokens)
         unused = [block_perm[e * Hb:(e + 1) * Hb] for e in range(num_blocks) if off[e + 1] == off[e]]
@@ -311,14 +312,16 @@ def routed_ffn_forward(x2d, w1, b1, w_up, b_up, w2, b2, block_perm, block_ids, a
     # (a fresh buffer, never b2.expand(...).contiguous(): for T == 1 that is a view of b2, which
     # index_add_ would then modify)
     y = x2d.new_zeros(T, d_out, dtype=acc) if b2 is None else x2d.new_empty(T, d_out, dtype=acc).copy_(b2)
-    v2 = x2d.new_zeros(T, lora.a2.shape[0], dtype=acc) if lora.a2 is not None else None   # [T, r2]
+    # the down adapter's per-pair rows [T*k, r2] (small): one index_add_ for all blocks, not one per block
+    v2_rows = x2d.new_empty(T * k, lora.a2.shape[0]) if lora.a2 is not None else None
     for nrn, lo, hi, tok in blocks.used:
         out_e = hidden[lo:hi].mm(_w_rows(w2, nrn, 1).t())                 # [n_e, d_out]
         y.index_add_(0, tok, out_e.to(acc))
-        if v2 is not None:
-            v2.index_add_(0, tok, hidden[lo:hi].mm(_w_rows(lora.a2, nrn, 1).t()).to(acc))   # [n_e, r2]
-    if v2 is None:
+        if v2_rows is not None:
+            torch.mm(hidden[lo:hi], _w_rows(lora.a2, nrn, 1).t(), out=v2_rows[lo:hi])          # [n_e, r2]
+    if v2_rows is None:
         return y.to(x2d.dtype), h_pre, h_up, x2d.new_empty(0)
+    v2 = x2d.new_zeros(T, v2_rows.shape[1], dtype=acc).index_add_(0, blocks.tokens, v2_rows.to(acc))
     v2 = v2.to(x2d.dtype)  # rounded like the GEMM output it stands for, then the small B2 GEMM
     y.addmm_(v2.to(acc), lora.b2.to(acc).t(), alpha=lora.s2)
     return y.to(x2d.dtype), h_pre, h_up, v2
@@ -437,8 +440,9 @@ def _sparse_up_grads(x2d, w1, w_up, h_pre, h_up, dhidden, activation, blocks, ne
     rup = lora.u_up.shape[1] if lora.u_up is not None else 0
     dlb1, dlbup = zeros((H, r1), n_lb1), zeros((H, rup), n_lbup)
     dx = x2d.new_zeros(T, d, dtype=acc) if n_x else None
-    du1 = x2d.new_zeros(T, r1, dtype=acc) if n_u1 else None
-    duup = x2d.new_zeros(T, rup, dtype=acc) if n_uup else None
+    # adapters' per-pair input-gradient rows [T*k, r] (small): summed per token once, after the loop
+    du1 = x2d.new_empty(dpre.shape[0], r1) if n_u1 else None
+    duup = x2d.new_empty(dpre.shape[0], rup) if n_uup else None
     for nrn, lo, hi, tok in blocks.used:
         if n_w1 or n_wup:
             xe = x2d.index_select(0, tok)                                      # [n_e, d]
@@ -455,16 +459,23 @@ def _sparse_up_grads(x2d, w1, w_up, h_pre, h_up, dhidden, activation, blocks, ne
             if gated:
                 dxe.addmm_(dup[lo:hi], _w_rows(w_up, nrn))
             dx.index_add_(0, tok, dxe.to(acc))
-        _block_adapter_grads(dpre[lo:hi], lora.u1, lora.b1, lora.s1, nrn, tok, du1, dlb1, acc)
+        _block_adapter_grads(dpre, lo, hi, lora.u1, lora.b1, lora.s1, nrn, tok, du1, dlb1)
         if gated:
-            _block_adapter_grads(dup[lo:hi], lora.u_up, lora.b_up, lora.s_up, nrn, tok, duup, dlbup, acc)
-    cast = (lambda t: t.to(x2d.dtype) if t is not None else None)
-    return [cast(dx), dw1, db1, dwup, dbup], [cast(du1), dlb1, cast(duup), dlbup]
+            _block_adapter_grads(dup, lo, hi, lora.u_up, lora.b_up, lora.s_up, nrn, tok, duup, dlbup)
+
+    def per_token(rows, s):  # [T*k, r] grouped rows -> s · their sum per token [T, r]
+        if rows is None:
+            return None
+        out = x2d.new_zeros(T, rows.shape[1], dtype=acc).index_add_(0, blocks.tokens, rows.to(acc), alpha=s)
+        return out.to(x2d.dtype)
+    return ([dx.to(x2d.dtype) if n_x else None, dw1, db1, dwup, dbup],
+            [per_token(du1, lora.s1), dlb1, per_token(duup, lora.s_up), dlbup])
 
 
-def _block_adapter_grads(dpre_e, u, lb, s, nrn, tok, du, dlb, acc) -> None:
-    """One block's share of an adapter's gradients: du[tok] += s·dpre_e·lb[nrn]; dlb[nrn] = s·dpre_eᵀ·u[tok]."""
-    if du is not None:
-        du.index_add_(0, tok, dpre_e.mm(_w_rows(lb, nrn)).to(acc), alpha=s)    # [n_e, r]
+def _block_adapter_grads(dpre, lo, hi, u, lb, s, nrn, tok, du_rows, dlb) -> None:
+    """One block's share of an adapter's gradients: du_rows[lo:hi] = dpre_e·lb[nrn] (scaled by s and summed per
+    token after the loop); dlb[nrn] = s·dpre_eᵀ·u[tok]."""
+    if du_rows is not None:
+        torch.mm(dpre[lo:hi], _w_rows(lb, nrn), out=du_rows[lo:hi])            # [n_e, r]
     if dlb is not None:
-        dlb.index_copy_(0, nrn, dpre_e.t().mm(u.index_select(0, tok)).mul_(s))  # [Hb, r]
+        dlb.index_copy_(0, nrn, dpre[lo:hi].t().mm(u.index_select(0, tok)).mul_(s))  # [Hb, r]

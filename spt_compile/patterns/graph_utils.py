@@ -1,6 +1,8 @@
 """Small helpers over Dynamo FX nodes: example values, provenance, constants."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 
 import torch
@@ -70,13 +72,41 @@ def is_binary(node, *targets) -> bool:
         and len(node.args) == 2 and not node.kwargs
 
 
+# id(module) -> its name in the user's model, while a graph of that model is analysed (see user_module_names)
+_MODULE_NAMES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("spt_module_names",
+                                                                                      default=None)
+
+
 def module_path(node: fx.Node) -> str:
-    """The module a node came from, as a user would write it: "model.layers.0.self_attn"."""
+    """The module a node came from, as a user would write it: "model.layers.0.self_attn".
+
+    Dynamo's nn_module_stack keys are module ids: with the user's model known (user_module_names), the name is
+    its path in that model even when Dynamo traced a submodule's frame on its own (a graph break, a recompile
+    per layer); otherwise Dynamo's source expression is cleaned up."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    path, _type = list(stack.values())[-1]
+    key, (path, _type) = list(stack.items())[-1]
+    names = _MODULE_NAMES.get()
+    if names and str(key) in names:
+        return clean_module_path(names[str(key)]) if names[str(key)] else "<root>"
     return clean_module_path(str(path))
+
+
+@contextlib.contextmanager
+def user_module_names(roots):
+    """Within the block, module_path names modules by their path in the first of `roots` (nn.Modules, outermost
+    first; or one module, or None) that contains them."""
+    roots = [roots] if isinstance(roots, torch.nn.Module) else list(roots or [])
+    names = {} if roots else None
+    for root in roots:
+        for name, mod in root.named_modules(remove_duplicate=False):
+            names.setdefault(str(id(mod)), name)
+    token = _MODULE_NAMES.set(names)
+    try:
+        yield
+    finally:
+        _MODULE_NAMES.reset(token)
 
 
 _ROOT = re.compile(r"^(?:L|G)\[(?:'(?:args|kwargs)'\](?:\[\d+\]|\['[^']*'\])|'[^']*'\])")

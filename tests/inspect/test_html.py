@@ -119,8 +119,9 @@ def decode_png(data: bytes) -> tuple[int, int, list[tuple]]:
 def test_kernel_column_untuned_without_cache_entries(tiny_report):
     page = render(tiny_report)
     row = re.search(r'<table class="sites">.*?</table>', page, re.S).group(0)
-    # CPU tensors: the sites would use the CPU tunables; the test cache (SPT_CACHE_DIR) is empty
-    assert "attention_cpu_forward: untuned" in row and "ffn_cpu_router: untuned" in row
+    # CPU tensors: the sites would use the CPU tunables, each at its key; the test cache (SPT_CACHE_DIR) is empty
+    for kernel in ("attention_cpu_select", "attention_cpu_forward", "attention_cpu_backward", "ffn_cpu_router"):
+        assert re.search(kernel + r" \([^)]*\): untuned", row), (kernel, row)
 
 
 def test_kernel_column_uses_the_autotuners_site_keys(tiny_report, monkeypatch):
@@ -154,3 +155,28 @@ def test_graph_breaks_are_reported_and_every_graph_is_drawn():
 def html_escape(text):
     import html
     return html.escape(text)
+
+
+@pytest.mark.slow  # two compiles of two graphs (~20 s on a loaded 2-core CPU)
+def test_torch_compile_report_shows_each_graphs_compile_and_recompile_reason():
+    import torch
+
+    import spt_compile
+    from tests.inspect.tiny_models import OPTIONS, breaking_factory
+    model, (x,) = breaking_factory()
+    compiled = torch.compile(model, backend="spt", options={**OPTIONS, "inner_backend": "aot_eager"})
+    compiled(x)
+    compiled(torch.randn(3, *x.shape[1:]))               # a new batch size: both frames recompile
+    report = spt_compile.last_report()
+    page = render(report)
+    table = re.search(r'<table class="compiles">.*?</table>', page, re.S).group(0)
+    assert table.count("<tr") == len(report.graphs) + 1 == 3
+    assert "torch_dynamo_resume_in_forward" in table and table.count("size mismatch at index 0") == 2
+
+
+def test_kernel_column_without_site_keys_lists_the_ops_kernels(tiny_report, monkeypatch):
+    from spt_compile.kernels import autotune
+    monkeypatch.setattr(autotune, "site_kernel_keys", lambda op, arguments: None)   # e.g. Triton without site_key
+    row = re.search(r'<table class="sites">.*?</table>', render(tiny_report), re.S).group(0)
+    assert "attention_cpu_forward: untuned" in row and "ffn_cpu_router: untuned" in row
+    assert "ffn_up" not in row                     # Triton kernels are not what CPU tensors run

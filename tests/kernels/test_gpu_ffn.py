@@ -38,8 +38,8 @@ NAMES = ("x", "w1", "b1", "w_up", "b_up", "w2", "b2")
 
 def run(w, dy, perm, activation, E, top_k, router, needs=None):
     """(y, block_ids, grads by name) of the op on DEVICE; needs: names that require grad (default all)."""
-    leaves = {n: (None if w[n] is None else w[n].to(DEVICE).requires_grad_(needs is None or n in needs))
-              for n in NAMES}
+    leaves = {n: (None if w[n] is None else
+                  w[n].detach().to(DEVICE, copy=True).requires_grad_(needs is None or n in needs)) for n in NAMES}
     outs = OP(*(leaves[n] for n in NAMES), perm.to(DEVICE), activation, E, top_k, router, 8, 200, 7)
     y, block_ids = outs[0], outs[1]
     y.backward(dy.to(DEVICE))
@@ -59,7 +59,7 @@ def neuron_mask(block_ids, perm, E, H):
 
 def truth(w, dy, mask, activation, dtype):
     """(y, grads) of the masked dense FFN by autograd, in `dtype` (fp64: the ground truth)."""
-    leaves = {n: (None if w[n] is None else w[n].to(dtype).requires_grad_()) for n in NAMES}
+    leaves = {n: (None if w[n] is None else w[n].detach().to(dtype, copy=True).requires_grad_()) for n in NAMES}
     h = ACT[activation](leaves["x"] @ leaves["w1"].T + leaves["b1"])
     if leaves["w_up"] is not None:
         h = h * (leaves["x"] @ leaves["w_up"].T + leaves["b_up"])

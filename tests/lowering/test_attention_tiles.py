@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -242,3 +243,91 @@ def test_exact_mode_tiles_equal_sdpa_with_padding_rows():
             if causal:
                 s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
             assert torch.allclose(out, s.softmax(-1) @ v, atol=1e-12), (tile, causal)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the op's query-tile mode (query_tile = T > 0): saved bytes, gradcheck, min_seq_len, opcheck, exact == SDPA
+# ------------------------------------------------------------------------------------------------------------
+
+import spt_compile.lowering  # noqa: E402,F401  registers the ops
+
+OP = torch.ops.spt.pq_sparse_attention.default
+
+
+def tiled_sparse_attention(q, k, v, mask=None, is_causal=False, scale=None, density=0.25, tile=64, min_keys=64,
+                           m=8, c=16, iters=3, dropout_p=0.0, seed=None, min_seq_len=0):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return OP(q, k, v, mask, is_causal, scale, density, m, c, iters, dropout_p, seed, min_seq_len, tile, min_keys)
+
+
+def test_saved_bytes_are_out_lse_idx_only_and_within_2x_sdpa():
+    """Saved beyond q, k, v: out [B,H,N,D], lse [B,H,N] fp32 and idx [B,H,ceil(N/T),L_max] int32, no N x N;
+    at T=64 that is <= 2x what SDPA's fused CPU kernel saves (out and its logsumexp)."""
+    from spt_compile.measure import saved_tensor_bytes
+    b, h, d = 1, 1, 64
+    for n, causal in ((1024, False), (700, True)):
+        q, k, v = (torch.randn(b, h, n, d).requires_grad_() for _ in range(3))
+        L = attention_tile_slots(n, n, 0.25, 64, causal)
+        got = saved_tensor_bytes(lambda: tiled_sparse_attention(q, k, v, is_causal=causal, tile=64)[0], (q, k, v))
+        assert got == b * h * (n * d * 4 + n * 4 + attention_num_tiles(n, 64) * L * 4), (n, got)
+        sdpa = saved_tensor_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                                  (q, k, v))
+        assert got <= 2 * sdpa, (got, sdpa)
+
+
+@pytest.mark.parametrize("density,tile", [(1.0, 5), (0.3, 4), (0.3, 1)])
+def test_pipeline_gradcheck_fp64_with_mask_grad_and_dropout(density, tile):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 11, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 2, 1, 11, generator=g, dtype=torch.float64)
+
+    def f(q, k, v, bias):
+        return tiled_sparse_attention(q, k, v, bias, True, 0.4, density, tile, 2, 2, 4, 2, 0.25, torch.tensor(5))[0]
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (q, k, v, bias)), eps=1e-6, atol=1e-7)
+
+
+def test_pipeline_min_seq_len_runs_exact_below_the_threshold():
+    for n in (40, 100):
+        q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float64).requires_grad_() for _ in range(3))
+        out, idx, _ = tiled_sparse_attention(q, k, v, is_causal=True, density=0.25, tile=16, min_keys=4,
+                                             min_seq_len=64)
+        assert idx.shape == (1, 2, attention_num_tiles(n, 16), attention_tile_slots(n, n, 0.25, 4, True))
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dense_err = (out - sdpa).abs().max().item()
+        assert (dense_err < 1e-12) == (n < 64), (n, dense_err)
+        if n < 64:
+            assert (idx == -1).all()  # the exact lists do not fit L_max: rebuilt by the backward
+            got = torch.autograd.grad(out.sum(), (q, k, v))
+            want = torch.autograd.grad(sdpa.sum(), (q, k, v))
+            assert all((a - b_).abs().max() < 1e-12 for a, b_ in zip(got, want))
+
+
+def test_opcheck_query_tiles():
+    q, k, v = (torch.randn(1, 4, 13, 8, requires_grad=True) for _ in range(3))
+    k2, v2 = (torch.randn(1, 2, 21, 8, requires_grad=True) for _ in range(2))
+    mask = torch.randn(1, 1, 13, 21, requires_grad=True)
+    for args in ((q, k, v, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 0, 5, 2),
+                 (q, k2, v2, mask, False, 0.3, 0.3, 2, 4, 1, 0.2, torch.tensor(3), 0, 4, 3),
+                 (q, k2, v2, mask, False, 0.3, 1.0, 2, 4, 1, 0.0, None, 0, 16, 3),
+                 (q, k, v, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 32, 4, 2)):
+        torch.library.opcheck(OP, args)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(cases())
+def test_op_query_tiles_exact_mode_equals_sdpa(c):
+    """Density 1 through the op (forward and every gradient) equals eager attention in fp64, for every mask
+    kind; rows with no allowed key follow the zero-row convention."""
+    q, k, v, dout, mask, causal, trainable = setup(c)
+    scale = 1 / math.sqrt(c["d"])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((mask,) if trainable else ())]
+    out, idx, _ = tiled_sparse_attention(*leaves[:3], leaves[3] if trainable else mask, causal, scale, 1.0,
+                                         c["tile"], c["min_keys"])
+    got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
+    full = ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"],
+                                   attention_tile_slots(c["nq"], c["nk"], 1.0, 1, causal), q.device)
+    assert torch.equal(idx, full)
+    want = run_dense(q, k, v, dout, mask, trainable, causal, scale, full, {**c, "dropout": 0.0}, None)
+    for name, a, t in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
+        assert (a - t).abs().max().item() <= 1e-10 * max(1.0, t.abs().max().item()), name

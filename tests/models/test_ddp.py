@@ -27,8 +27,10 @@ WORLD, LOCAL, N, STEPS = 2, 2, 32, 3
 CFG = ToyConfig(hidden=32, heads=4, kv_heads=2, ffn_hidden=64, layers=2, mask="causal")
 BASE = {"min_seq_len": 0, "inner_backend": "aot_eager"}
 EXACT = {**BASE, "attention_density": 1.0, "ffn_density": 1.0}
-DEFAULT = {**BASE, "ffn_blocks": 8}  # default densities (attention 0.25, FFN 0.5); 8 blocks of 8 neurons
-DEFAULT_LOSS_RTOL = 0.05             # default mode vs one process: routing of a 2-sample batch vs a 4-sample one
+# default densities (attention 0.25, FFN 0.5); 8 blocks of 8 neurons; router rank 4 < d = 32 (at rank >= d the
+# low-rank router is exact whatever the data, and would hide a per-rank difference)
+DEFAULT = {**BASE, "ffn_blocks": 8, "ffn_router_rank": 4}
+DEFAULT_LOSS_RTOL = 0.01  # default mode vs one process (measured: 7e-4 over 3 steps; routing differs per rank)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -78,9 +80,11 @@ def _worker(rank: int, init_file: str, options: dict, out_dir: str) -> None:
             return t / WORLD
 
         losses = _train(fn, model.parameters(), x[mine], y[mine], lengths[mine], mean_over_ranks)
-        with torch.no_grad():
-            probe = fn(x[:LOCAL], lengths[:LOCAL])          # the same batch on both ranks
-        torch.save(dict(losses=losses, probe=probe, rewritten=_rewritten(spt_compile.last_reports()),
+        rewritten = _rewritten(spt_compile.last_reports())  # the training graph(s) only
+        # the same batch on both ranks, through the training graph (no_grad would compile a new graph whose
+        # router would be fit afresh, on this probe batch, alike on both ranks); no backward follows
+        probe = fn(x[:LOCAL], lengths[:LOCAL]).detach()
+        torch.save(dict(losses=losses, probe=probe, rewritten=rewritten,
                         params={k: v.detach() for k, v in model.state_dict().items()}),
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -104,6 +108,7 @@ def _one_process(options):
 def test_exact_mode_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     ranks = _run_ddp(tmp_path, EXACT)
     losses, params = _one_process(EXACT)
+    print(f"exact mode: 2 ranks {ranks[0]['losses']} vs 1 process {losses}")
     assert ranks[0]["rewritten"] == (CFG.layers, CFG.layers), ranks[0]["rewritten"]  # no rewrite lost to DDP
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-7)
@@ -115,12 +120,14 @@ def test_exact_mode_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
 def test_default_mode_two_ranks_close_to_one_process_and_route_alike(tmp_path):
     ranks = _run_ddp(tmp_path, DEFAULT)
     losses, _ = _one_process(DEFAULT)
+    print(f"default mode: 2 ranks {ranks[0]['losses']} vs 1 process {losses}")
     assert ranks[0]["rewritten"] == (CFG.layers, CFG.layers), ranks[0]["rewritten"]
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=DEFAULT_LOSS_RTOL,
                                atol=0.0)
     for k, v in ranks[0]["params"].items():  # DDP keeps the replicas identical whatever each rank routed
         torch.testing.assert_close(ranks[1]["params"][k], v, rtol=0, atol=0, msg=k)
     diff = (ranks[0]["probe"] - ranks[1]["probe"]).abs().max().item()
+    print(f"probe outputs of the two ranks differ by {diff:.3g} (max abs)")
     if diff > 1e-6:
         pytest.xfail(f"ranks route differently (probe outputs differ by {diff:.3g}): the low-rank router's input "
                      "second moment is fit per rank at refresh; it must be all-reduced (lowering/router.py)")

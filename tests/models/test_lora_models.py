@@ -20,9 +20,9 @@ TARGETS = {
 }
 
 
-def _lora_model(kind, dropout=0.0, use_dora=False, targets=None, seed=0):
+def _lora_model(kind, dropout=0.0, use_dora=False, targets=None, seed=0, layers=LAYERS):
     torch.manual_seed(seed)
-    model = small_hf_model(kind, "sdpa", layers=LAYERS, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=128)
+    model = small_hf_model(kind, "sdpa", layers=layers, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=128)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -92,42 +92,49 @@ def _all_reports():
     return merged
 
 
-def test_dora_stays_dense_with_the_reason():
-    model = _lora_model("llama", use_dora=True, targets=["up_proj"])
+@pytest.mark.slow
+def test_peft_dora_stays_dense_with_the_reason():
+    """PEFT's DoRA forward breaks the graph (peft's dequantize check), so the FFN is cut apart and reported as
+    such; a DoRA term inside one graph is named as DoRA (tests/patterns/test_lora_patterns.py)."""
+    model = _lora_model("llama", use_dora=True, targets=["up_proj"], layers=1)
     spt_compile.report.clear_reports()
     compiled = torch.compile(model, backend="spt", options={"inner_backend": "aot_eager"})
     compiled(**_inputs("llama"))
     report = _all_reports()   # DoRA's forward breaks the graph: the FFN's pieces land in several graphs
     assert not report.rewritten("ffn"), str(report)
     ffn = [s for s in report.sites if s.kind == "ffn"]
-    assert ffn and all(s.reason for s in ffn), str(report)
+    assert ffn and all("graph break" in s.reason for s in ffn), str(report)
 
 
 def _train(model, backend, steps, options=None):
+    """`steps` AdamW steps on one fixed batch; backend None = eager. -> (last loss, model)."""
     torch.manual_seed(0)
     inputs = _inputs("llama", batch=4, n=32)
     labels = inputs["input_ids"]
-    compiled = torch.compile(model, backend=backend, options=options) if options else \
-        torch.compile(model, backend=backend)
+    run = model if backend is None else torch.compile(model, backend=backend, options=options)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss = None
     for _ in range(steps):
         opt.zero_grad()
-        loss = compiled(**inputs, labels=labels).loss
+        loss = run(**inputs, labels=labels).loss
         loss.backward()
         opt.step()
     return loss.item(), model
 
 
 @pytest.mark.slow
-def test_default_densities_train_like_inductor_and_merged_adapters_load_into_eager(tmp_path):
-    """30 LoRA steps on a fixed small batch: the loss with the default densities is within 5% of inductor's.
-    Then merge_and_unload after compiled training, save, load into a plain eager model: outputs match the
-    unmerged model within 1e-4 relative (fp32 rounding of W + s·B·A against the two-GEMM sum)."""
-    base = _lora_model("llama")
-    loss_ind, _ = _train(copy.deepcopy(base), "inductor", 30)
-    loss_spt, trained = _train(copy.deepcopy(base), "spt", 30, {"min_seq_len": 0})
-    assert abs(loss_spt - loss_ind) <= 0.05 * loss_ind, (loss_spt, loss_ind)
+def test_default_densities_train_like_the_dense_model_and_merged_adapters_load_into_eager(tmp_path):
+    """30 LoRA steps (1-layer LLaMA, LoRA on every projection) on a fixed batch: the loss at the default densities
+    is within 5% of the dense model's. The dense baseline runs eager: inductor's loss equals eager's to ~3e-6
+    relative here (measured: 4.179568 vs 4.179579 after 30 steps) while its compile alone would take this test
+    past a minute on 2 cores. Then merge_and_unload after compiled training, save, load into a plain eager
+    model: outputs match the unmerged model within 1e-4 (fp32 rounding of W + s·B·A against the two GEMMs)."""
+    base = _lora_model("llama", layers=1)
+    loss_dense, _ = _train(copy.deepcopy(base), None, 30)
+    loss_spt, trained = _train(copy.deepcopy(base), "spt", 30, {"min_seq_len": 0, "inner_backend": "aot_eager"})
+    report = spt_compile.last_report()
+    assert len(report.rewritten("ffn")) == 1 and report.rewritten("ffn")[0].params["mode"] != "exact", str(report)
+    assert abs(loss_spt - loss_dense) <= 0.05 * loss_dense, (loss_spt, loss_dense)
     inputs = _inputs("llama")
     trained.eval()
     with torch.no_grad():

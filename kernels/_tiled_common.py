@@ -1,0 +1,87 @@
+"""Pieces shared by the query-tile attention kernels (attention_tiled_select/fwd/bwd.py): the dot that stays
+correct under the CPU interpreter, the per-dtype head-dim limits of the candidate configs, and launcher checks.
+
+Tiled layout (lowering/reference/tiled_attention.py): query tile t holds rows t*T .. min(t*T + T, Nq) - 1;
+idx [B, H, ceil(Nq/T), L] int32 lists each tile's kept keys ascending, then -1. A program covers BLOCK_M rows
+of ONE tile (a tile of T rows takes cdiv(T, BLOCK_M) programs), so every row of a program shares the tile's
+key list and the gathered K/V blocks feed tl.dot (tensor cores) instead of per-query gathers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spt_compile.kernels import autotune
+from spt_compile.kernels._triton_utils import next_power_of_2
+
+# The CPU interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.9, see grouped_gemm.py):
+# under it the operands go up to fp32 first, the same math as the GPU's bf16 MMA with fp32 accumulation.
+_UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def tdot(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in fp32 (PREC: "ieee" or "tf32" for fp32 operands; ignored for bf16/fp16)."""
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's TF32 switch (off by default), so fp32 errors match torch's own."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+class Limits:
+    """Largest head dim (a power of two) each candidate config of a kernel serves, per dtype class:
+    half = bf16/fp16 operands, fp32 = fp32 operands (IEEE fp32 dots hold twice the registers per tile).
+    fits() prunes with it, and the AOT spec compiles each config at exactly these head dims, so a launch
+    can never pick a config that the AOT test did not compile spill-free."""
+
+    def __init__(self, table: list[tuple[autotune.KernelConfig, int, int]]):
+        self.configs = [c for c, _, _ in table]
+        self._max = {c: (half, fp32) for c, half, fp32 in table}
+
+    def max_d(self, cfg: autotune.KernelConfig, dt: str) -> int:
+        half, fp32 = self._max[cfg]
+        return fp32 if dt == "fp32" else half
+
+    def fits(self, cfg: autotune.KernelConfig, key: tuple) -> bool:
+        """key = (BLOCK_D, BLOCK_DV, dtype name, next_power_of_2(T)); a config's BLOCK_M must not exceed the
+        tile (a program never spans two tiles, so rows past T are wasted) unless it is 16, the dot minimum."""
+        bd, bdv, dt, tp2 = key
+        bm = dict(cfg.meta).get("BLOCK_M", 16)
+        return max(bd, bdv) <= self.max_d(cfg, dt) and bm <= max(16, tp2)
+
+
+def tile_key(bd: int, bdv: int, dt: str, tile: int) -> tuple:
+    return (bd, bdv, dt, next_power_of_2(tile))
+
+
+def check_tile_args(q: torch.Tensor, idx: torch.Tensor | None, tile: int, scale: float) -> int:
+    """Validate the tiled arguments shared by the launchers; returns the number of tiles."""
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    b, h, nq = q.shape[:3]
+    nt = -(-nq // tile)
+    if idx is not None and (not isinstance(idx, torch.Tensor) or idx.dim() != 4
+                            or tuple(idx.shape[:3]) != (b, h, nt) or idx.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"idx must be an int32 tensor [B, H, ceil(Nq/T), L] = [{b}, {h}, {nt}, L], got "
+                         f"{getattr(idx, 'dtype', None)} {tuple(getattr(idx, 'shape', ()))}")
+    return nt
+
+
+def list_lengths(idx: torch.Tensor) -> torch.Tensor:
+    """[B, H, nT] int32: valid slots per tile (lists are valid-first), the kernels' loop bound, so short
+    (early causal, padded) tiles cost only their own keys."""
+    return (idx >= 0).sum(-1, dtype=torch.int32).contiguous()

@@ -1,0 +1,77 @@
+"""@pytest.mark.gpu: the query-tile attention kernels (kernels/attention_tiled_*.py: tile selection, forward,
+backward) against their plain-PyTorch reference (lowering/reference/tiled_attention.py) and an fp64 truth on CUDA,
+in fp32 / bf16 / fp16. Skipped without CUDA (reason given); SPT_GPU_TESTS_ON_CPU=1 runs it on CPU (_gpu.py).
+The stage tests of these kernels under the interpreter are test_attention_tiled_kernels.py (their owner's)."""
+import pytest
+import torch
+
+from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_slots
+from spt_compile.lowering.reference import pq_attention as ref
+from spt_compile.lowering.reference import tiled_attention as ta
+from tests.kernels._attention_truth import (FLOOR, ULP, allowed_dense, check_vs_truth, dense_grads, make_problem,
+                                            max_err)
+from tests.kernels._gpu import DEVICE, GPU, kernel_path, size  # noqa: F401  (kernel_path is a fixture)
+
+pytestmark = GPU
+TILE = 16
+
+
+def dev(*ts):
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+def tile_keep(idx, nq, nk):
+    """[B, H, Nq, Nk] bool: key j listed for query i's tile."""
+    b, h, nt, _ = idx.shape
+    ii = idx.long()
+    keep = torch.zeros(b, h, nt, nk + 1, dtype=torch.bool)
+    keep.scatter_(-1, torch.where(ii >= 0, ii, nk), True)
+    return keep[..., :nk].repeat_interleave(TILE, 2)[:, :, :nq]
+
+
+CASES = [(torch.bfloat16, "causal"), (torch.float32, "pad_finfo"), (torch.float16, "bool"),
+         (torch.bfloat16, "bias")]
+
+
+@pytest.mark.parametrize("dtype,kind", CASES, ids=[f"{str(d)[6:]}-{k}" for d, k in CASES])
+def test_tiled_forward_backward_vs_reference_and_fp64(dtype, kind, kernel_path):
+    from spt_compile.kernels.attention_tiled_bwd import tiled_attention_backward
+    from spt_compile.kernels.attention_tiled_fwd import tiled_attention_forward
+    B, H, Hkv, N, D = 1, 4, 2, size(256, 40), 64
+    q, k, v, mask, causal, dout = make_problem(B, H, Hkv, N, N, D, D, dtype, kind, seed=11)
+    L = attention_tile_slots(N, N, 1.0, 1, causal)
+    idx = ta.tile_allowed_indices(mask, causal, (B, H, N, N), TILE, L, q.device)  # exact lists per tile
+    scale = D ** -0.5
+    out, lse = tiled_attention_forward(*dev(q, k, v, idx, mask), causal, scale, TILE, 0.0, None)
+    grads = tiled_attention_backward(*dev(dout, q, k, v, out, lse, idx, mask), causal, scale, TILE, 0.0, None)[:3]
+    rout, rlse = ta.tiled_attention_forward(q, k, v, idx, mask, causal, scale, TILE, 0.0, None)
+    rgrads = ta.tiled_attention_backward(dout, q, k, v, rout, rlse, idx, mask, causal, scale, TILE, 0.0, None)[:3]
+    keep = tile_keep(idx, N, N) & allowed_dense(None if mask is None else mask, causal, (B, H, N, N))
+    m64 = None if mask is None else mask.double()
+    truth = dense_grads(q.double(), k.double(), v.double(), keep, m64, scale, dout.double())
+    same = dense_grads(q, k, v, keep, mask, scale, dout)
+    for name, g, r, s_, t in zip(("out", "dq", "dk", "dv"), (out, *grads), (rout, *rgrads), same, truth):
+        g = g.cpu()
+        assert g.dtype == dtype and g.shape == t.shape, name
+        check_vs_truth(name, g, s_, t, dtype)
+        top = t.abs().max().item()
+        assert max_err(g, r) <= 8 * ULP[dtype] * top + FLOOR[dtype], f"{name} vs reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiled_select_vs_reference(dtype, kernel_path):
+    from spt_compile.kernels.attention_tiled_select import select_tiles
+    B, H, Hkv, N, D = 1, 4, 2, size(512, 48), 64
+    q, k, _, mask, causal, _ = make_problem(B, H, Hkv, N, N, D, D, dtype, "causal", seed=12)
+    cb, codes = ref.pq_quantize(k, 8, 16, 2)
+    density, min_keys = 0.25, 4
+    L = attention_tile_slots(N, N, density, min_keys, causal)
+    idx = select_tiles(*dev(q, cb, codes, mask), causal, D ** -0.5, TILE, density, min_keys, L).cpu()
+    ridx = ta.select_tiles(q, cb, codes, mask, causal, D ** -0.5, TILE, density, min_keys, L)
+    assert idx.shape == ridx.shape == (B, H, attention_num_tiles(N, TILE), L) and idx.dtype == torch.int32
+    assert torch.equal((idx >= 0).sum(-1), (ridx >= 0).sum(-1))      # the same number of keys per tile
+    keep = tile_keep(idx, N, N)
+    assert torch.equal(keep.sum(-1), tile_keep(ridx, N, N).sum(-1))  # distinct keys
+    # PQ mass ties (and tf32 dots on the GPU) may swap boundary keys: most kept keys agree
+    agree = (keep & tile_keep(ridx, N, N)).sum().item() / max(1, keep.sum().item())
+    assert agree > 0.9, agree
