@@ -24,8 +24,13 @@ device runs them: under `TRITON_INTERPRET=1` Triton configs are never timed (the
 about GPU speed) but cached entries still apply. `bench` runs the kernel once with `cfg` on the launch's
 inputs; a kernel that accumulates into its outputs (atomics) must reset them inside `bench`.
 
-What each launch used is recorded per process (`used()`), and `lookup(kernel, key)` returns the entry that
-applies to a key, for the inspection report. The AOT test compiles every candidate of every kernel for
+Launchers that cannot re-run their kernel alone are tuned through a whole stage instead: `tune_stage(run)`
+runs `run()` once to learn which (kernel, key) pairs it launches, then times it with each fitting candidate of
+one pair forced in turn (`forced({...})`); `pretune` does this with a whole training step.
+
+What each launch used is recorded per process (`used()`); `lookup(kernel, key)` / `describe(kernel, key)` give
+the entry that applies to a key and `site_kernel_keys(op, arguments)` the keys a traced site will use (from
+each kernel's optional `site_key` hook), for the inspection report. The AOT test compiles every candidate of every kernel for
 sm_80 and sm_90, so neither the default nor a tuned choice can be a config that fails to compile or spills.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A zoo of small Hugging Face architectures built from configs (random weights, no hub access).
 
     from spt_compile import zoo
-    zoo.names()                                   # ['bart', 'bert', ...]
+    zoo.names()                                   # ['bart', 'bert', ...]; zoo.family(name), zoo.attn_implementations(name)
     zm = zoo.build("llama", layers=2, hidden=64, seq=32, batch=2, attn_implementation="sdpa")
     out = zm.output(zm.model(**zm.inputs))       # the logits / last hidden state tensor
     zm.expected                                   # {"attention": 2, "ffn": 2}: sites the compiler must account for
@@ -170,6 +170,11 @@ def names() -> list[str]:
 
 def attn_implementations(name: str) -> tuple[str, ...]:
     return _entry(name).impls
+
+
+def family(name: str) -> str:
+    """"decoder", "encoder", "encoder-decoder" or "vision"."""
+    return _entry(name).kind
 
 
 def build(name: str, layers: int = 2, hidden: int = 64, seq: int = 32, batch: int = 2,

@@ -190,8 +190,8 @@ def _check_escapes(m: FfnMatch) -> None:
             if u in inside:
                 continue
             if u.op == "output":
-                raise _Fail("cut", f"cut by a graph break/split: FFN intermediate '{n.name}' is an output of this "
-                                   f"graph")
+                raise _Fail("cut", f"cut by a graph break/split (or returned): FFN intermediate '{n.name}' is an "
+                                   f"output of this graph")
             raise _Fail("escape", f"FFN intermediate '{n.name}' is used outside the FFN (by '{u.name}')")
 
 

@@ -323,3 +323,11 @@ def test_site_kernel_keys_from_snapshot_arguments(autotune_on):
     assert autotune.site_kernel_keys("spt.routed_ffn", {**ffn, "top_k": 8}) == []
     symbolic = {**attn, "q": {**attn["q"], "shape": [1, 2, "s0", 16]}}
     assert autotune.site_kernel_keys("spt.pq_sparse_attention", symbolic) == []
+
+
+def test_shared_memory_pruning_on_a_gpu(autotune_on, monkeypatch):
+    autotune.register_candidates("toy", TOY, kind="triton", smem=lambda cfg, key: cfg["tile"] * 1024)
+    monkeypatch.setattr(autotune, "_smem_limit", lambda: 20 * 1024)  # what a small GPU would report
+    assert [c["tile"] for c in autotune.fitting("toy", ("fp16",))] == [8, 16]
+    monkeypatch.setattr(autotune, "_smem_limit", lambda: None)       # CPU / interpreter: no device limit
+    assert len(autotune.fitting("toy", ("fp16",))) == 4

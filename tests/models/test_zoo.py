@@ -23,7 +23,7 @@ def _counts(report, kind):
 
 
 def test_zoo_covers_the_architectures_issue_8_names():
-    kinds = {zoo._entry(n).kind for n in zoo.names()}
+    kinds = {zoo.family(n) for n in zoo.names()}
     assert len(zoo.names()) >= 12 and kinds == {"decoder", "encoder", "encoder-decoder", "vision"}
     with pytest.raises(ValueError, match="unknown zoo model 'nope'"):
         zoo.build("nope")
