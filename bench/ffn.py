@@ -105,7 +105,7 @@ def bench_shape(name, d, H, activation, gated, tokens, reps, use_compile, device
         ks[f"routed k={k}/{E}"] = k
 
         def routed(k=k):
-            y, _, _, _ = torch.ops.spt.routed_ffn(x, w1, b1, w_up, None, w2, b2, perm, activation, E, k,
+            y, *_ = torch.ops.spt.routed_ffn(x, w1, b1, w_up, None, w2, b2, perm, activation, E, k,
                                                   "lowrank", 32, 200, hash(name) % 10_000)
             return y
 

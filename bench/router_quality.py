@@ -160,7 +160,7 @@ def embed(tok, model, sentences, routed=None, max_length=64):
             out_dense = layer.output.dense
 
             def fwd(hidden_states, inter=inter, out_dense=out_dense, perm=perm, site=i):
-                y, _, _, _ = torch.ops.spt.routed_ffn(
+                y, *_ = torch.ops.spt.routed_ffn(
                     hidden_states, inter.dense.weight, inter.dense.bias, None, None, out_dense.weight,
                     out_dense.bias, perm, "gelu", E, k, router, 32, 200, 10_000 + site)
                 return y

@@ -18,6 +18,8 @@ import triton.language as tl
 from spt_compile.kernels import autotune
 from spt_compile.kernels._triton_utils import next_power_of_2
 
+MAX_HEAD_DIM = 128  # every kernel's largest config limit (Limits below); larger heads stay on the reference
+
 # The CPU interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.9, see grouped_gemm.py):
 # under it the operands go up to fp32 first, the same math as the GPU's bf16 MMA with fp32 accumulation.
 _UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -73,6 +75,9 @@ def check_tile_args(q: torch.Tensor, idx: torch.Tensor | None, tile: int, scale:
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale!r}")
     b, h, nq = q.shape[:3]
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM}: the tiled kernels' configs serve head dims up "
+                         f"to {MAX_HEAD_DIM}")
     nt = -(-nq // tile)
     if idx is not None and (not isinstance(idx, torch.Tensor) or idx.dim() != 4
                             or tuple(idx.shape[:3]) != (b, h, nt) or idx.dtype not in (torch.int32, torch.int64)):

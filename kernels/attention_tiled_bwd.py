@@ -1,7 +1,7 @@
 """Query-tile sparse attention backward: dQ per tile, dK/dV per key block through a deterministic transposed index.
 
 tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed)
-    -> (dq, dk, dv)
+    -> (dq, dk, dv, None)
 is lowering/reference/tiled_attention.tiled_attention_backward with mask_grad=False (a trainable mask's gradient
 stays with the reference backward, as for the per-query op). With P_ij = exp(s_ij - m_i) / l_i over query i's
 kept allowed keys, Z_ij the replayed dropout scale, dP_ij = Z_ij dout_i.v_j, delta_i = sum_j P_ij dP_ij,
@@ -36,8 +36,8 @@ from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import seed_tensor
 from spt_compile.kernels.attention_tiled_fwd import aot_constexprs, check_tiled_args, dropout_scale, tile_logits
 
-KERNEL_DQ = "tiled_attention_bwd_dq"
-KERNEL_DKV = "tiled_attention_bwd_dkv"
+KERNEL_DQ = "attention_tiled_bwd_dq"
+KERNEL_DKV = "attention_tiled_bwd_dkv"
 
 
 @triton.jit
@@ -220,13 +220,14 @@ def _dkv_kernel(
 # dq: Q, dO, the dq accumulator, gathered K^T / V and S, dP, dS live; dkv: K, V blocks, dk / dv accumulators,
 # Q, dO and the [BN, BM] S^T, dP^T. Head-dim limits per config (half, fp32).
 _C = autotune.KernelConfig.make
-# 4 warps spilled on sm_80/sm_90 at 32x32 (bf16, D=128; fp32, D=64) and at 16x16 (fp32, D=128).
+# 4 warps spilled on sm_80/sm_90 at 32x32 (bf16, D=128; fp32, D=64) and at 16x16 (fp32, D=128); the dkv
+# kernel's 32x32 on 8 warps still spilled 24 B at fp32, D=64 (sm_90), so fp32 takes it only up to D=32.
 DQ = Limits([
     (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 64),
     (_C(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=16), 128, 128),
 ])
 DKV = Limits([
-    (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 64),
+    (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 32),
     (_C(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=16), 128, 128),
 ])
 autotune.register_candidates(KERNEL_DQ, DQ.configs, fits=DQ.fits)
@@ -285,8 +286,13 @@ def transposed_tiles(idx: torch.Tensor, H: int, Hkv: int, Nk: int, block_n: int)
     return (uniq % (G * nT)).contiguous(), vslot.to(torch.int32).contiguous(), voff.contiguous()
 
 
-def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed):
-    """(dq, dk, dv) in the dtypes of q, k, v (see the module doc)."""
+def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed,
+                             mask_grad=False):
+    """(dq, dk, dv, None) in the dtypes of q, k, v (see the module doc): the reference stage's signature and
+    return shape; mask_grad=True is refused (the op runs the reference backward for a trainable mask)."""
+    if mask_grad:
+        raise ValueError("mask_grad: the tiled kernels compute no mask gradient; a trainable mask runs the "
+                         "reference backward (lowering/reference/tiled_attention.py)")
     nt = check_tiled_args(q, k, v, idx, tile, scale, dropout_p, seed)
     b, h, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[3]
@@ -297,7 +303,7 @@ def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scal
     if tuple(lse.shape) != (b, h, nq):
         raise ValueError(f"lse must be [B, H, Nq] = {[b, h, nq]}, got {tuple(lse.shape)}")
     if b * h * nq == 0 or nk == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
     bias, ms = mask_as_bias(mask, (b, h, nq, nk))
     idx = idx.to(torch.int32).contiguous()
     lens = list_lengths(idx)
@@ -323,4 +329,4 @@ def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scal
     _dkv_kernel[(b * hkv * triton.cdiv(nk, cfg["BLOCK_N"]),)](
         q, k, v, idx, bias_t, seed_t, dout, stats, delta, visit, vslot, voff, dk, dv, *common,
         **flags, **cfg.kwargs())
-    return dq, dk, dv
+    return dq, dk, dv, None

@@ -22,11 +22,12 @@ import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
-from spt_compile.kernels._tiled_common import Limits, check_tile_args, dot_precision, list_lengths, tdot, tile_key
+from spt_compile.kernels._tiled_common import (MAX_HEAD_DIM, Limits, check_tile_args, dot_precision, list_lengths,
+                                               tdot, tile_key)
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import check_attention_args, seed_tensor
 
-KERNEL = "tiled_attention_fwd"
+KERNEL = "attention_tiled_fwd"
 
 
 @triton.jit
@@ -124,10 +125,12 @@ def _fwd_kernel(
 # Live per program: Q [BM, BD], the gathered K^T [BD, BN] and V [BN, BDV], S/P [BM, BN] and the fp32 acc
 # [BM, BDV]; gathered operands carry 64-bit addresses per element. Head-dim limits per config (half, fp32).
 _C = autotune.KernelConfig.make
+# With every feature compiled in (mask gather, causal, dropout's philox on [BM, BN]) 4 warps spilled on
+# sm_80/sm_90 from 16x32 (bf16, D=128) up; 8 warps halve the per-thread share.
 LIMITS = Limits([
-    (_C(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=32), 128, 64),
-    (_C(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 128),
-    (_C(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32), 128, 128),
+    (_C(num_warps=8, num_stages=2, BLOCK_M=64, BLOCK_N=32), 64, 64),
+    (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 64),
+    (_C(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=32), 128, 128),
 ])
 autotune.register_candidates(KERNEL, LIMITS.configs, fits=LIMITS.fits)
 
@@ -162,6 +165,9 @@ def check_tiled_args(q, k, v, idx, tile, scale, dropout_p, seed) -> int:
     # the per-query check wants idx [B, H, Nq, L]: hand it a view of that shape (values are not read)
     fake = idx.new_empty(()).expand(q.shape[0], q.shape[1], q.shape[2], idx.shape[3])
     check_attention_args(q, k, v, fake, scale, dropout_p, seed)
+    if v.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"v head dim {v.shape[3]} > {MAX_HEAD_DIM}: the tiled kernels serve head dims up to "
+                         f"{MAX_HEAD_DIM}")
     return nt
 
 

@@ -39,9 +39,9 @@ from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, til
 from spt_compile.kernels._triton_utils import block_d, check_float, dtype_name, mask_as_bias
 from spt_compile.lowering.formulas import attention_tile_keys
 
-KERNEL_STATS = "tiled_select_stats"
-KERNEL_MASS = "tiled_select_mass"
-KERNEL_TOPL = "tiled_select_topl"
+KERNEL_STATS = "attention_tiled_select_stats"
+KERNEL_MASS = "attention_tiled_select_mass"
+KERNEL_TOPL = "attention_tiled_select_topl"
 RADIX_BITS = 4
 NPASS = 32 // RADIX_BITS
 _CHUNK_ELEMS = 1 << 24  # mass transient per chunk of tiles, in fp32 elements (64 MiB)
@@ -234,7 +234,9 @@ MASS = Limits([
     (_C(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=32), 128, 128),
     (_C(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=32), 128, 128),
 ])
-TOPL = [_C(num_warps=4, num_stages=1, BLOCK_T=8, BLOCK_N=64), _C(num_warps=4, num_stages=1, BLOCK_T=2, BLOCK_N=256)]
+# one candidate: a memory-bound pass over the masses (8 x 4-bit search passes + compaction); 2 x 256 and
+# 4 x 128 put 8 B on the stack (sm_90)
+TOPL = [_C(num_warps=4, num_stages=1, BLOCK_T=8, BLOCK_N=64)]
 
 autotune.register_candidates(KERNEL_STATS, STATS.configs, fits=STATS.fits)
 autotune.register_candidates(KERNEL_MASS, MASS.configs, fits=MASS.fits)

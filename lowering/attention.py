@@ -24,6 +24,7 @@ _DOC = ("PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B,
         "lse [B, H, Nq] fp32).\n\n" + ref.SEMANTICS + """
 Exact mode (L >= Nk, or Nk < min_seq_len) skips PQ. idx and lse are auxiliary outputs without gradient.
 A floating mask that requires grad gets dS at the kept keys (0 elsewhere), summed to its broadcast shape.
+query_tile = T > 0: tiles of T queries share one key list; idx is then [B, H, ceil(Nq/T), L_max] (docs/OPS.md).
 seed: int64 0-dim tensor, required when dropout_p > 0.
 """)
 

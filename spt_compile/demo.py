@@ -38,6 +38,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="keep only MiniLM's first N of 6 layers (quick checks; default all)")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    ap.add_argument("--heldout-batches", type=int, default=8,
+                    help="evaluate at most this many fixed held-out batches (default 8)")
     ap.add_argument("--options", default="{}", help='JSON dict of spt options, e.g. \'{"ffn_density": 0.25}\'')
     ap.add_argument("--train-budget", type=float, default=100.0,
                     help="seconds for the interleaved training phase; fewer steps run if it is spent (default 100)")
@@ -66,6 +68,8 @@ def run(args) -> int:
     options = _parse_options(args.options)
     if args.steps < 3:
         raise SystemExit("--steps must be >= 3 (the first 2 steps compile and are not timed)")
+    if args.heldout_batches < 1:
+        raise SystemExit(f"--heldout-batches must be >= 1, got {args.heldout_batches}")
     if args.seq < 6:
         raise SystemExit(f"--seq must be >= 6 tokens, got {args.seq}")
     _quiet_transformers()
@@ -74,7 +78,7 @@ def run(args) -> int:
     tok, encoder = D.load_minilm(layers=args.layers)
     data = D.make_pairs(tok, half=args.seq - 2)
     train = [b.to(device) for b in D.train_batches(data.train, args.batch, args.steps, args.seed)]
-    held = [b.to(device) for b in D.heldout_batches(data.heldout, args.batch)]
+    held = [b.to(device) for b in D.heldout_batches(data.heldout, args.batch)[:args.heldout_batches]]
     encoder = encoder.to(device)
     n_params = sum(p.numel() for p in encoder.parameters())
     print(f"machine: {machine_name()}   {_load_note()}")

@@ -81,7 +81,7 @@ def test_demo_end_to_end_on_one_layer(tmp_path, capsys):
     png = tmp_path / "loss.png"
     # aot_eager on both sides (no code generation): the demo's flow, not inductor's compile time
     rc = demo.main(["--steps", "3", "--seq", "16", "--batch", "2", "--layers", "1", "--large", "never",
-                    "--baseline", "aot_eager", "--plot", str(png),
+                    "--heldout-batches", "2", "--baseline", "aot_eager", "--plot", str(png),
                     "--options", '{"min_seq_len": 8, "attention_density": 0.5, "inner_backend": "aot_eager"}'])
     out = capsys.readouterr().out
     assert rc == 0

@@ -54,11 +54,7 @@ def lora_projection(node) -> Projection | None:
         if term is not None:
             adapter = Adapter(prior.terms + (term,), prior.problem)
             return dataclasses.replace(base, node=node, adapter=adapter, inner=(*term.nodes, *base.nodes))
-        problem = _unknown_adapter(term_node, base)
-        if problem:
-            return dataclasses.replace(base, node=node, adapter=Adapter(prior.terms, problem),
-                                       inner=(term_node, *base.nodes))
-    return None
+    return _unknown_adapter(node)
 
 
 def _is_plain_add(node: fx.Node) -> bool:
@@ -126,24 +122,60 @@ def _dropout_p(node: fx.Node) -> float:
     return float(p) if training is True else 0.0
 
 
-def _unknown_adapter(node, base: Projection) -> str:
-    """A reason when `node` (added to a base projection) reads the base's input through a low-rank linear but is
-    not the LoRA formula (DoRA's magnitude-scaled term, another adapter kind); "" when it is unrelated."""
-    if not isinstance(node, fx.Node):
-        return ""
-    seen, stack = set(), [node]
-    while stack and len(seen) < 32:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen:
+_UNKNOWN_DEPTH = 12  # nodes walked back from an add looking for a base projection and a low-rank pair
+
+
+def _unknown_adapter(node: fx.Node) -> Projection | None:
+    """An add combining a base projection P with a low-rank pair B(A(x)) that reads P's input, in a way that is
+    not the LoRA formula (PEFT's DoRA scales both by a weight-norm magnitude; another adapter kind): P with
+    `adapter.problem` set, so the FFN it belongs to stays dense with that reason. Already-matched projections
+    are opaque to the walk (a residual add after an adapted projection is not an adapter)."""
+    bases, pairs, seen, stack = [], [], set(), [(a, 0) for a in node.all_input_nodes]
+    while stack:
+        n, depth = stack.pop()
+        if n in seen or depth > _UNKNOWN_DEPTH:
             continue
         seen.add(n)
+        if _looks_adapted(n):
+            continue  # an adapted projection of its own (e.g. before a residual add)
         p = plain_projection(n)
-        if p is not None and p.out_features < p.in_features and _reads(p.x, base.x):
+        if p is not None:
+            a = plain_projection(p.x)
+            low_rank = a is not None and a.out_features < min(a.in_features, p.out_features)
+            (pairs if low_rank else bases).append((a, p) if low_rank else p)
+            continue
+        stack.extend((i, depth + 1) for i in n.all_input_nodes)
+    for base in bases:
+        if any(_reads(a.x, base.x) for a, _ in pairs):
             kind = "DoRA (use_dora=True)" if _mentions(seen, "magnitude") else "an unknown adapter kind"
-            return (f"adapter on projection '{base.node.name}' is {kind}, not plain LoRA "
-                    f"base(x) + s * B(A(x)): not supported, stays dense")
-        stack.extend(n.all_input_nodes)
-    return ""
+            problem = (f"adapter on projection '{base.node.name}' is {kind}, not plain LoRA "
+                       f"base(x) + s * B(A(x)): not supported, stays dense")
+            return dataclasses.replace(base, node=node, adapter=Adapter((), problem), inner=(*base.nodes,))
+    return None
+
+
+def _looks_adapted(n) -> bool:
+    """An add of a plain (or Conv1D) projection and a LoRA term on its input; one level, no recursion (the walk
+    above must stay linear in the graph size)."""
+    if not (isinstance(n, fx.Node) and _is_plain_add(n)):
+        return False
+    for base_node, term_node in (n.args, n.args[::-1]):
+        base = plain_projection(base_node) if isinstance(base_node, fx.Node) else None
+        if base is None and isinstance(base_node, fx.Node) and is_view(base_node):
+            base = _base_projection(base_node)
+        if base is not None and _lora_term(term_node, base.x) is not None:
+            return True
+        if _is_plain_add(base_node) if isinstance(base_node, fx.Node) else False:
+            return _looks_adapted(base_node) and _lora_term(term_node, _first_base_x(base_node)) is not None
+    return False
+
+
+def _first_base_x(n):
+    """The input x of the innermost base projection of a chain of adapter adds."""
+    while isinstance(n, fx.Node) and _is_plain_add(n):
+        n = n.args[0] if isinstance(n.args[0], fx.Node) else n.args[1]
+    p = plain_projection(n) if isinstance(n, fx.Node) else None
+    return p.x if p is not None else None
 
 
 def _reads(n, x) -> bool:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from spt_compile.kernels import attention_tiled_bwd as kbwd
+from spt_compile.kernels import attention_tiled_bwd as kbwd, autotune
 from spt_compile.kernels import attention_tiled_fwd as kfwd
 from spt_compile.kernels import attention_tiled_select as ksel
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_slots
@@ -136,7 +136,7 @@ def assert_close_to_ref(name, got, want, gt, dtype, rel):
 
 def problem(b, hkv, grp, nq, nk, d, dv, tile, kind, dtype, seed, full_row):
     g = torch.Generator().manual_seed(seed)
-    nq = min(nq, max(12, 3 * tile))  # the interpreter runs a program per (tile, row block): keep T=1 small
+    nq = min(nq, max(8, 3 * tile))  # the interpreter runs a program per (tile, row block): keep T=1 small
     h = hkv * grp
     q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64).to(dtype)
     k = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64).to(dtype)
@@ -299,6 +299,8 @@ def test_backward_vs_reference_and_fp64(b, hkv, grp, nq, nk, d, dv, tile, densit
     scale = d ** -0.5
     out, lse = kfwd.tiled_attention_forward(q, k, v, idx, mask, causal, scale, tile, 0.0, None)
     grads = kbwd.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, tile, 0.0, None)
+    assert grads[3] is None
+    grads = grads[:3]
     rgrads = ta.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, tile, 0.0, None)[:3]
     m64 = None if mask is None else mask.double()
     _, *gt = dense_grads(q.double(), k.double(), v.double(), keep, m64, scale, dout.double())
@@ -319,11 +321,44 @@ def test_backward_deterministic_and_gqa_sums_heads():
     out, lse = kfwd.tiled_attention_forward(qg, k, v, ig, None, True, 0.2, 16, 0.0, None)
     a = kbwd.tiled_attention_backward(dg, qg, k, v, out, lse, ig, None, True, 0.2, 16, 0.0, None)
     b_ = kbwd.tiled_attention_backward(dg, qg, k, v, out, lse, ig, None, True, 0.2, 16, 0.0, None)
-    assert all(torch.equal(x, y) for x, y in zip(a, b_))
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b_[:3]))
     o1, l1 = kfwd.tiled_attention_forward(q, k, v, idx, None, True, 0.2, 16, 0.0, None)
     one = kbwd.tiled_attention_backward(dout, q, k, v, o1, l1, idx, None, True, 0.2, 16, 0.0, None)
     torch.testing.assert_close(a[1], g * one[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a[2], g * one[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [ksel.KERNEL_STATS, ksel.KERNEL_MASS, kfwd.KERNEL, kbwd.KERNEL_DQ,
+                                    kbwd.KERNEL_DKV])
+def test_every_candidate_config_gives_the_same_result(kernel):
+    """Tuning may pick any fitting candidate: each must give the default's result (row blocks per tile, key
+    blocks, dropout offsets are config-independent). T = 64 > BLOCK_M for some configs: several row blocks."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(1, 2, 70, 32, generator=g), torch.randn(1, 1, 50, 32, generator=g), torch.randn(
+        1, 1, 50, 16, generator=g)
+    mask = torch.randn(1, 2, 70, 50, generator=g).masked_fill(torch.rand(1, 2, 70, 50, generator=g) < 0.2, -math.inf)
+    dout = torch.randn(1, 2, 70, 16, generator=g)
+    cb, codes = ref.pq_quantize(k, 2, 8, 2)
+    L, seed = attention_tile_slots(70, 50, 0.3, 4, True), torch.tensor(7)
+    stage = {ksel.KERNEL_STATS: "select", ksel.KERNEL_MASS: "select", kfwd.KERNEL: "fwd"}.get(kernel, "bwd")
+    idx = ksel.select_tiles(q, cb, codes, mask, True, 0.2, 64, 0.3, 4, L)
+    out, lse = kfwd.tiled_attention_forward(q, k, v, idx, mask, True, 0.2, 64, 0.25, seed)
+
+    def run():
+        if stage == "select":
+            return (ksel.select_tiles(q, cb, codes, mask, True, 0.2, 64, 0.3, 4, L),)
+        if stage == "fwd":
+            return kfwd.tiled_attention_forward(q, k, v, idx, mask, True, 0.2, 64, 0.25, seed)
+        return kbwd.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, True, 0.2, 64, 0.25, seed)[:3]
+
+    base = run()
+    fits = autotune.fitting(kernel, (32, 32 if stage == "select" else 16, "fp32", 64))
+    assert len(fits) >= 2 or len(autotune.candidates(kernel)) == 1
+    for cfg in fits:
+        with autotune.forced({kernel: cfg}):
+            got = run()
+        for i, (a_, b_) in enumerate(zip(got, base)):
+            torch.testing.assert_close(a_, b_, rtol=1e-5, atol=1e-6, msg=lambda m: f"{cfg} output {i}: {m}")
 
 
 def test_transposed_tiles_groups_every_kept_slot():
@@ -374,7 +409,7 @@ def test_dropout_deterministic_and_backward_consistent():
     z = torch.where(keep, z, 0.0)
     o64, *g64 = dense_grads(q.double(), k.double(), v.double(), keep, None, scale, dout.double(), zscale=z.double())
     torch.testing.assert_close(o1.double(), o64, rtol=1e-4, atol=1e-5)
-    grads = kbwd.tiled_attention_backward(dout, q, k, v, o1, l1, idx, mask, causal, scale, tile, p, seed)
+    grads = kbwd.tiled_attention_backward(dout, q, k, v, o1, l1, idx, mask, causal, scale, tile, p, seed)[:3]
     for name, g_, want in zip(("dq", "dk", "dv"), grads, g64):
         torch.testing.assert_close(g_.double(), want, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -394,3 +429,9 @@ def test_attention_bad_args():
     out, lse = f(q, k, v, idx, None, False, 1.0, 16, 0.0, None)
     with pytest.raises(ValueError, match="lse"):
         kbwd.tiled_attention_backward(out, q, k, v, out, lse[0], idx, None, False, 1.0, 16, 0.0, None)
+    with pytest.raises(ValueError, match="mask_grad"):
+        kbwd.tiled_attention_backward(out, q, k, v, out, lse, idx, torch.zeros(1, 1, 20, 6), False, 1.0, 16, 0.0,
+                                      None, True)
+    with pytest.raises(ValueError, match="head dim"):
+        f(torch.randn(1, 2, 20, 256), torch.randn(1, 1, 6, 256), torch.randn(1, 1, 6, 16), idx, None, False, 1.0,
+          16, 0.0, None)

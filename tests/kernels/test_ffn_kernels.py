@@ -182,3 +182,43 @@ def test_routing_bad_arguments():
         routing_prologue(torch.zeros(4, 2, dtype=torch.int64), 4)
     with pytest.raises(ValueError, match="num_blocks"):
         routing_prologue(torch.zeros(4, 2, dtype=torch.int32), 0)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def _lora(T, d, H, d_out, r, gated, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    return R.Lora(u1=rnd(T, r), b1=rnd(H, r, scale=0.3), s1=0.5,
+                  u_up=rnd(T, r + 1) if gated else None, b_up=rnd(H, r + 1, scale=0.3) if gated else None, s_up=2.0,
+                  a2=rnd(r, H, scale=H ** -0.5), b2=rnd(d_out, r, scale=0.3), s2=0.25)
+
+
+def _lora64(lora):
+    return lora._replace(**{f: getattr(lora, f).double() for f in ("u1", "b1", "u_up", "b_up", "a2", "b2")
+                            if getattr(lora, f) is not None})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_lora_stages_match_reference_and_fp64(gated, dtype):
+    """Adapters in the grouped GEMMs (extra K loops) and as extra launches: forward, v2 and all 13 gradients."""
+    T, d, Hb, E, k, d_out, r = 29, 24, 16, 4, 2, 20, 3
+    p, dy = _problem(T, d, Hb, E, k, d_out, gated, bias=True, dtype=dtype, seed=4)
+    lora = _lora(T, d, Hb * E, d_out, r, gated, dtype, seed=5)
+    kw = dict(activation="silu", num_blocks=E)
+    y, h_pre, h_up, v2 = K.routed_ffn_forward(**p, **kw, lora=lora)
+    yr, h_pre_r, h_up_r, v2_r = R.routed_ffn_forward(**p, **kw, lora=lora)
+    p64, l64 = _f64(p), _lora64(lora)
+    y64, h_pre64, h_up64, v2_64 = R.routed_ffn_forward(**p64, **kw, lora=l64)
+    for name, a, b, c in (("y", y, yr, y64), ("h_pre", h_pre, h_pre_r, h_pre64), ("v2", v2, v2_r, v2_64)):
+        _check_close(name, a, b, c, dtype)
+    g = K.routed_ffn_backward(dy, **p, h_pre=h_pre_r, h_up=h_up_r, **kw, lora=lora, v2=v2_r)
+    gr = R.routed_ffn_backward(dy, **p, h_pre=h_pre_r, h_up=h_up_r, **kw, lora=lora, v2=v2_r)
+    g64 = R.routed_ffn_backward(dy.double(), **p64, h_pre=h_pre64, h_up=h_up64, **kw, lora=l64, v2=v2_64)
+    for name, a, b, c in zip(R.GRAD_NAMES, g, gr, g64):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            _check_close(name, a, b, c, dtype)
+    assert g[7] is not None and g[12] is not None   # the adapters' gradients were computed

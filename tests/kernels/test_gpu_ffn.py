@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import spt_compile.lowering  # noqa: F401  registers the ops
 from spt_compile.lowering.neuron_blocks import compute_block_perm
 from spt_compile.lowering.reference import routed_ffn as ref
-from tests.kernels._gpu import CUDA, DEVICE, GPU, kernel_path, size  # noqa: F401  (kernel_path is a fixture)
+from tests.kernels._gpu import DEVICE, GPU, kernel_path, size  # noqa: F401  (kernel_path is a fixture)
 
 pytestmark = GPU
 OP = torch.ops.spt.routed_ffn.default

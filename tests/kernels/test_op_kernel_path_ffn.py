@@ -154,3 +154,15 @@ def test_bias_trainable_weight_frozen():
     p, perm = make()
     g = compare(p, perm, 4, 2, frozen=("w1", "w_up", "w2"))
     assert g["b1"] is not None and g["b_up"] is not None
+
+
+def test_opcheck_through_the_launchers():
+    """Fake impl strides, autograd registration and schema hold on the kernel path too (sparse mode, LoRA)."""
+    p, perm = make(T=6, d=16, Hb=16, E=2, d_out=16, r=2, lora=("gate", "up", "down"))
+    q = {n: (None if v is None else v.detach().clone().requires_grad_()) for n, v in p.items()}
+    u1 = F.linear(q["x"], q["la_gate"]).detach().requires_grad_()
+    uup = F.linear(q["x"], q["la_up"]).detach().requires_grad_()
+    args = (q["x"], q["w1"], q["b1"], q["w_up"], q["b_up"], q["w2"], q["b2"], perm, "silu", 2, 1, "oracle", 4, 200,
+            5, u1, q["lb_gate"], 0.5, uup, q["lb_up"], 2.0, q["la_down"], q["lb_down"], 0.25)
+    with kernels_mode("triton"):
+        torch.library.opcheck(OP.default, args)

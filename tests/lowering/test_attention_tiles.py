@@ -129,7 +129,8 @@ def run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep):
     return [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
 
 
-@settings(max_examples=60, **SETTINGS)
+@pytest.mark.slow
+@settings(max_examples=40, **SETTINGS)
 @given(cases())
 def test_tiled_attention_equals_dense_formulation_fp64(c):
     q, k, v, dout, mask, causal, trainable = setup(c)
