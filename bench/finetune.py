@@ -5,7 +5,8 @@ Stacks (spt_compile/stacks.py, random weights, HF base models without LM head, s
 the last hidden state): GPT-2-small and GPT-2-medium widths, a LLaMA-style stack (GQA 4:1, SwiGLU), and LoRA
 rows (peft adapters on every attention/FFN linear, base frozen). Per cell (stack, seq) every backend is compiled,
 warmed up (2 steps), then timed in interleaved rounds (one step of each backend per round, so machine load hits
-all alike); a figure is the median over rounds. Peak memory: one extra step per backend,
+all alike); a figure is the median over rounds. Peak memory: one extra forward + backward per backend (gradients
+included; the AdamW step is left out: its temporaries are alike for every backend and would set every peak),
 torch.cuda.max_memory_allocated on GPU, the torch.profiler CPU allocation events on CPU (spt_compile.measure).
 
     python bench/finetune.py                       # the CPU matrix (a subset of cells, < 20 min on 2 cores)
@@ -26,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import RESULTS_DIR, fmt_bytes, machine_name, machine_slug, markdown_table, peak_memory  # noqa: E402
+from bench._common import RESULTS_DIR, fmt_bytes, machine_name, machine_slug, markdown_table  # noqa: E402
 from bench._common import write_result  # noqa: E402
-from spt_compile.demo import memory_label, speed_label  # noqa: E402
+from spt_compile.demo import fwd_bwd_peak, memory_label, speed_label  # noqa: E402
 from spt_compile.stacks import TrainStep, build_stack, stack_inputs  # noqa: E402
 
 DENSITIES = ((0.5, 0.5), (0.25, 0.5), (0.25, 0.25))  # (attention, ffn)
@@ -89,7 +90,7 @@ def run_cell(cell: str, args, device, dtype):
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks, how = {}, ""
     for label, step in steps.items():
-        peaks[label], how = peak_memory(lambda step=step: step(ids).item(), device)
+        peaks[label], how = fwd_bwd_peak(step.fwd_bwd, step.params, ids, device)
     rows = []
     for label in steps:
         rows.append(dict(cell=f"{name}{'+lora' if lora else ''}", seq=seq, backend=label, time=med[label],
@@ -110,7 +111,7 @@ def render(results, args, how, load: str) -> str:
     return (f"{table}\n\n- one training step: fwd + bwd + AdamW, batch {args.batch}, {args.layers} layers, "
             f"{args.dtype}, synthetic loss (mean square of the last hidden state), random weights\n"
             f"- step time: median of {args.reps} interleaved rounds after 2 warm-up steps per backend\n"
-            f"- peak memory: one step, {how}\n"
+            f"- peak memory: {how}\n"
             f"- {load}\n")
 
 

@@ -129,11 +129,15 @@ def main(argv=None) -> int:
         ref = emb0 if ref is None else ref
         results.append(res)
         print(f"  held-out loss {res['before'][0]:.4f} -> {res['after'][0]:.4f} ({res['secs']:.0f} s)", flush=True)
-    body = render(results, args, data)
+        body = render(results, args, data)
+        left = len(configs) - len(results)
+        if left:
+            body += f"- partial: {left} configuration(s) still running or not run\n"
+        if not args.no_write:  # after every configuration: a long run that is cut short keeps what it measured
+            path = write_result("quality", body)
+            plot(results, path[:-3] + ".png")
     print(body)
     if not args.no_write:
-        path = write_result("quality", body)
-        plot(results, path[:-3] + ".png")
         print(f"wrote {path} and {path[:-3]}.png")
     return 0
 

@@ -37,7 +37,7 @@ import triton.language as tl
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import (_gather_scores, aot_block_d, check_attention_args,
-                                               per_thread, seed_tensor)
+                                               per_thread, seed_tensor, site_shapes, tile_d)
 
 KERNEL_DQ = "attention_bwd_dq"
 KERNEL_DKV = "attention_bwd_dkv"
@@ -251,21 +251,43 @@ BUDGET_DQ = 8
 BUDGET_DKV = 16
 
 
+def dq_key(d: int, dv: int, dtype: torch.dtype, mode: str, rows: int, L: int) -> tuple:
+    """(D, DV, dtype, dK/dV mode, bucket(B*H*Nq query rows), bucket(L)): the atomic mode's dQ kernel is another
+    compiled variant with twice the passes, so it tunes apart."""
+    return (int(d), int(dv), dtype_name(dtype), mode, autotune.bucket(rows), autotune.bucket(L))
+
+
+def dkv_key(d: int, dv: int, dtype: torch.dtype, kv_rows: int, slots: int) -> tuple:
+    """(D, DV, dtype, bucket(B*Hkv*Nk key rows), bucket(B*H*Nq*L (query, slot) pairs the key rows share))."""
+    return (int(d), int(dv), dtype_name(dtype), autotune.bucket(kv_rows), autotune.bucket(slots))
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple, block: str, budget: int) -> bool:
-    # key = (BLOCK_D, BLOCK_DV, dtype name)
-    return per_thread(cfg, block, max(key[0], key[1])) <= budget
+    return per_thread(cfg, block, tile_d(key)) <= budget
+
+
+def _site_key_dq(op: str, a: dict) -> tuple | None:
+    s = site_shapes(op, a)  # the backward of a traced forward site (same q, k, v and idx)
+    return None if s is None else dq_key(s["d"], s["dv"], s["dtype"], DKV_MODE, s["b"] * s["h"] * s["nq"], s["L"])
+
+
+def _site_key_dkv(op: str, a: dict) -> tuple | None:
+    s = site_shapes(op, a)
+    if s is None or DKV_MODE != "sorted":  # the atomic mode has no dK/dV kernel
+        return None
+    return dkv_key(s["d"], s["dv"], s["dtype"], s["b"] * s["hkv"] * s["nk"], s["b"] * s["h"] * s["nq"] * s["L"])
 
 
 autotune.register_candidates(KERNEL_DQ, [
     autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_L=8),
     autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=16),
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=4),
-], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_L", BUDGET_DQ))
+], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_L", BUDGET_DQ), site_key=_site_key_dq)
 autotune.register_candidates(KERNEL_DKV, [
     autotune.KernelConfig.make(num_warps=4, num_stages=2, BLOCK_P=16),
     autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_P=32),
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_P=8),
-], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_P", BUDGET_DKV))
+], fits=lambda cfg, key: _fits(cfg, key, "BLOCK_P", BUDGET_DKV), site_key=_site_key_dkv)
 
 
 def _sig_common(dt: str) -> dict:
@@ -365,24 +387,31 @@ def sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, sca
               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *ms)
     atomic = mode == "atomic"
     if atomic:
-        dk_acc = torch.zeros((B, Hkv, Nk, D), dtype=torch.float32, device=q.device)
-        dv_acc = torch.zeros((B, Hkv, Nk, DV), dtype=torch.float32, device=q.device)
+        dk_acc = torch.empty((B, Hkv, Nk, D), dtype=torch.float32, device=q.device)
+        dv_acc = torch.empty((B, Hkv, Nk, DV), dtype=torch.float32, device=q.device)
     else:
         dk_acc = dv_acc = delta  # unused
-    cfg = autotune.get_config(KERNEL_DQ, (BD, BDV, dtype_name(q.dtype)))
-    _bwd_dq_kernel[(B * H * Nq,)](
-        q, k, v, idx, bias_t, seed_t, dout, stats, delta, dq, dk_acc, dv_acc, *common,
-        ATOMIC=atomic, **flags, **cfg.kwargs())
+
+    def run_dq(cfg):  # one launch; the autotuner times it per candidate (dq, stats, delta are overwritten)
+        if atomic:  # the atomics accumulate: every run, timed or final, starts from zero
+            dk_acc.zero_()
+            dv_acc.zero_()
+        _bwd_dq_kernel[(B * H * Nq,)](
+            q, k, v, idx, bias_t, seed_t, dout, stats, delta, dq, dk_acc, dv_acc, *common,
+            ATOMIC=atomic, **flags, **cfg.kwargs())
+    run_dq(autotune.get_config(KERNEL_DQ, dq_key(D, DV, q.dtype, mode, B * H * Nq, L), bench=run_dq))
     if atomic:
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
     pairs, offsets = transposed_index(idx, H, Hkv, Nk)
     dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, DV), dtype=v.dtype, device=q.device)
-    cfg = autotune.get_config(KERNEL_DKV, (BD, BDV, dtype_name(q.dtype)))
-    _bwd_dkv_kernel[(B * Hkv * Nk,)](
-        q, k, v, bias_t, seed_t, dout, stats, delta, pairs, offsets, dk, dv, *common,
-        **flags, **cfg.kwargs())
+
+    def run_dkv(cfg):  # one launch; every key row rewrites its dk, dv (stats, delta are only read)
+        _bwd_dkv_kernel[(B * Hkv * Nk,)](
+            q, k, v, bias_t, seed_t, dout, stats, delta, pairs, offsets, dk, dv, *common,
+            **flags, **cfg.kwargs())
+    run_dkv(autotune.get_config(KERNEL_DKV, dkv_key(D, DV, q.dtype, B * Hkv * Nk, B * H * Nq * L), bench=run_dkv))
     return dq, dk, dv
 
 

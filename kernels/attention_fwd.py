@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
-from spt_compile.kernels._triton_utils import block_d, check_float, dtype_name, mask_as_bias
+from spt_compile.kernels._triton_utils import TRITON_TYPE, block_d, check_float, dtype_name, mask_as_bias
 
 KERNEL = "attention_fwd"
 
@@ -122,9 +122,18 @@ def _triton_at_least(major: int, minor: int) -> bool:
 FWD_BUDGET = 32 if _triton_at_least(3, 9) else 16
 
 
+def tile_d(key: tuple) -> int:
+    """The widest head-dim tile of a (D, DV, ...) key: what the per-thread register budget bounds."""
+    return max(block_d(key[0]), block_d(key[1]))
+
+
+def tuning_key(d: int, dv: int, dtype: torch.dtype, rows: int, L: int) -> tuple:
+    """(D, DV, dtype, bucket(B*H*Nq query rows), bucket(L slots)): exact head dims, bucketed work."""
+    return (int(d), int(dv), dtype_name(dtype), autotune.bucket(rows), autotune.bucket(L))
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
-    # key = (BLOCK_D, BLOCK_DV, dtype name)
-    return per_thread(cfg, "BLOCK_L", max(key[0], key[1])) <= FWD_BUDGET
+    return per_thread(cfg, "BLOCK_L", tile_d(key)) <= FWD_BUDGET
 
 
 CANDIDATES = [
@@ -133,7 +142,39 @@ CANDIDATES = [
     autotune.KernelConfig.make(num_warps=2, num_stages=2, BLOCK_L=16),
     autotune.KernelConfig.make(num_warps=8, num_stages=2, BLOCK_L=32),  # D = 128 at the 16-value budget
 ]
-autotune.register_candidates(KERNEL, CANDIDATES, fits=_fits)
+
+
+def _ints(shape) -> list[int] | None:
+    return list(shape) if shape and all(isinstance(x, int) for x in shape) else None  # symbolic: unknown
+
+
+def site_shapes(op: str, a: dict) -> dict | None:
+    """Sizes a traced spt.pq_sparse_attention site launches the per-query kernels with, from the op's arguments
+    as graph_snapshot records them (tensors as {"shape", "dtype", "device"}): b, h, hkv, nq, nk, d, dv, L (the
+    slots of the forward's idx), dtype, exact. None when these kernels do not serve the site: another op,
+    query-tile mode, symbolic sizes, a dtype without kernels."""
+    from spt_compile.lowering.formulas import attention_is_exact, attention_keys_kept
+    if not op.startswith("spt.pq_sparse_attention") or int(a.get("query_tile") or 0):
+        return None
+    if not all(isinstance(a.get(t), dict) for t in ("q", "k", "v")):
+        return None
+    q, k, v = (_ints(a[t]["shape"]) for t in ("q", "k", "v"))
+    dtype = getattr(torch, str(a["q"]["dtype"]), None)
+    if q is None or k is None or v is None or dtype not in TRITON_TYPE:
+        return None
+    (b, h, nq, d), (hkv, nk), dv = q, k[1:3], v[3]
+    exact = attention_is_exact(nk, float(a.get("density", 1.0)), int(a.get("min_seq_len") or 0))
+    L = nk if exact else attention_keys_kept(nk, float(a["density"]))  # exact mode lists every key
+    return {"b": b, "h": h, "hkv": hkv, "nq": nq, "nk": nk, "d": d, "dv": dv, "L": L, "dtype": dtype,
+            "exact": exact}
+
+
+def _site_key(op: str, a: dict) -> tuple | None:
+    s = site_shapes(op, a)
+    return None if s is None else tuning_key(s["d"], s["dv"], s["dtype"], s["b"] * s["h"] * s["nq"], s["L"])
+
+
+autotune.register_candidates(KERNEL, CANDIDATES, fits=_fits, site_key=_site_key)
 
 
 def aot_block_d(cfg: autotune.KernelConfig, name: str = "BLOCK_L", budget: int = 32) -> int:
@@ -208,11 +249,13 @@ def sparse_attention_forward(q, k, v, idx, mask, is_causal, scale, dropout_p, se
     dropout = float(dropout_p) > 0
     seed_t = seed_tensor(seed, q.device) if dropout else idx
     BD, BDV = block_d(D), block_d(DV)
-    cfg = autotune.get_config(KERNEL, (BD, BDV, dtype_name(q.dtype)))
-    _fwd_kernel[(B * H * Nq,)](
-        q, k, v, idx, bias if bias is not None else lse, seed_t, out, lse,
-        H, Hkv, Nq, Nk, L, D, DV, float(scale), float(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *ms,
-        HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout,
-        BLOCK_D=BD, BLOCK_DV=BDV, **cfg.kwargs())
+
+    def run(cfg):  # one launch; the autotuner times it per candidate (every row rewrites its out and lse)
+        _fwd_kernel[(B * H * Nq,)](
+            q, k, v, idx, bias if bias is not None else lse, seed_t, out, lse,
+            H, Hkv, Nq, Nk, L, D, DV, float(scale), float(dropout_p),
+            *q.stride(), *k.stride(), *v.stride(), *ms,
+            HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout,
+            BLOCK_D=BD, BLOCK_DV=BDV, **cfg.kwargs())
+    run(autotune.get_config(KERNEL, tuning_key(D, DV, q.dtype, B * H * Nq, L), bench=run))
     return out, lse

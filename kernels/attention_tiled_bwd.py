@@ -5,7 +5,8 @@ tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, t
 is lowering/reference/tiled_attention.tiled_attention_backward with mask_grad=False (a trainable mask's gradient
 stays with the reference backward, as for the per-query op). With P_ij = exp(s_ij - m_i) / l_i over query i's
 kept allowed keys, Z_ij the replayed dropout scale, dP_ij = Z_ij dout_i.v_j, delta_i = sum_j P_ij dP_ij,
-dS_ij = P_ij (dP_ij - delta_i): dq_i = scale sum_j dS_ij k_j, dk_j = scale sum_i dS_ij q_i, dv_j = sum_i P_ij Z_ij dout_i.
+dS_ij = P_ij (dP_ij - delta_i):
+    dq_i = scale sum_j dS_ij k_j,   dk_j = scale sum_i dS_ij q_i,   dv_j = sum_i P_ij Z_ij dout_i.
 
 1. `_dq_kernel` (grid as the forward: BLOCK_M rows of one tile x B*H): pass 1 over the tile's list recomputes the
    row normaliser (m_i, l_i) and delta_i online (never exp(s - lse): in a row whose keys all carry a finite

@@ -28,15 +28,13 @@ the [B, H, c] counts: one formula, one place.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, tile_key
-from spt_compile.kernels._triton_utils import block_d, check_float, dtype_name, mask_as_bias
+from spt_compile.kernels._triton_utils import block_d, check_float, mask_as_bias
 from spt_compile.lowering.formulas import attention_tile_keys
 
 KERNEL_STATS = "attention_tiled_select_stats"
@@ -341,9 +339,10 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
     _stats_kernel[(b * h, triton.cdiv(nq, cfg["BLOCK_M"]))](
         q, codebooks, codes, bias_t, stats, *common, float(scale), pad_thr, *q.stride(), *ms,
         **flags, **cfg.kwargs())
-    step = chunk if chunk is not None else max(1, min(nt, _CHUNK_ELEMS // max(1, b * h * nk)))
-    if step < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    # the chunk is the mass kernel's grid dim 1: at most 65535 on CUDA
+    step = chunk if chunk is not None else max(1, min(nt, 65535, _CHUNK_ELEMS // max(1, b * h * nk)))
+    if not 1 <= step <= 65535:
+        raise ValueError(f"chunk must be in [1, 65535], got {chunk}")
     cfg_m = autotune.get_config(KERNEL_MASS, key)
     cfg_t = autotune.get_config(KERNEL_TOPL, ())
     for t0 in range(0, nt, step):

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._triton_utils import block_d, check_float, dtype_name, mask_as_bias
+from spt_compile.kernels.attention_fwd import site_shapes
 
 KERNEL = "attention_topk"
 RADIX_BITS = 4          # bits resolved per search pass (16 candidate thresholds)
@@ -150,19 +151,30 @@ def _topk_kernel(
         eq_run += tl.sum(eq_i, axis=1)
 
 
+def tuning_key(d: int, dtype: torch.dtype, rows: int, nk: int) -> tuple:
+    """(D, dtype, bucket(B*H*Nq query rows), bucket(Nk)): every search pass re-streams all Nk keys per row."""
+    return (int(d), dtype_name(dtype), autotune.bucket(rows), autotune.bucket(nk))
+
+
 def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
-    # key = (BLOCK_D, dtype name). The q tile, k_hat tile, the [BM, BN] keys and the 16 unrolled
-    # threshold counts are live together; these configs compile spill-free for sm_80/sm_90 up to
-    # BLOCK_D = 128 (64x64 on 4 or 8 warps, 16x16 on 2 or 4 warps, 16x32 on 4 warps spilled),
-    # so head dims > 128 are refused.
-    return key[0] <= 128
+    # The q tile, k_hat tile, the [BM, BN] keys and the 16 unrolled threshold counts are live together; these
+    # configs compile spill-free for sm_80/sm_90 up to BLOCK_D = 128 (64x64 on 4 or 8 warps, 16x16 on 2 or 4
+    # warps, 16x32 on 4 warps spilled), so head dims > 128 are refused.
+    return block_d(key[0]) <= 128
+
+
+def _site_key(op: str, a: dict) -> tuple | None:
+    s = site_shapes(op, a)
+    if s is None or s["exact"]:  # exact mode lists every allowed key: no selection
+        return None
+    return tuning_key(s["d"], s["dtype"], s["b"] * s["h"] * s["nq"], s["nk"])
 
 
 autotune.register_candidates(KERNEL, [
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=32),
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=16, BLOCK_N=32),
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=16),
-], fits=_fits)
+], fits=_fits, site_key=_site_key)
 
 
 def _aot_signature(dt: str) -> dict:
@@ -218,11 +230,14 @@ def select_topk(q, codebooks, codes, mask, is_causal, scale, L):
     codebooks = codebooks.to(torch.float32).contiguous()
     codes = codes.to(torch.int32).contiguous()
     BD = block_d(D)
-    cfg = autotune.get_config(KERNEL, (BD, dtype_name(q.dtype)))
-    grid = (B * H, triton.cdiv(Nq, cfg["BLOCK_M"]))
-    _topk_kernel[grid](
-        q, codebooks, codes, bias if bias is not None else codebooks, idx,
-        H, Hkv, Nq, Nk, C, DS, D, L, float(scale), *q.stride(), *ms,
-        HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), NPASS=NPASS, RADIX=1 << RADIX_BITS,
-        BLOCK_D=BD, **cfg.kwargs())
+
+    def run(cfg):  # one launch; the autotuner times it per candidate on the real inputs
+        # Safe to repeat into idx: every run writes exactly the slots [0, L_i) of each row (L_i = min(L, allowed
+        # keys), the same for every config), so the final run below rewrites all that any timed run wrote.
+        _topk_kernel[(B * H, triton.cdiv(Nq, cfg["BLOCK_M"]))](
+            q, codebooks, codes, bias if bias is not None else codebooks, idx,
+            H, Hkv, Nq, Nk, C, DS, D, L, float(scale), *q.stride(), *ms,
+            HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), NPASS=NPASS, RADIX=1 << RADIX_BITS,
+            BLOCK_D=BD, **cfg.kwargs())
+    run(autotune.get_config(KERNEL, tuning_key(D, q.dtype, B * H * Nq, Nk), bench=run))
     return idx

@@ -76,12 +76,22 @@ def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
     return elems <= 64 * 32 * cfg.num_warps
 
 
+def _site_key(op: str, a: dict) -> tuple | None:
+    """The key pq_assign launches with for a traced attention site (inspection report); None in exact mode."""
+    from spt_compile.kernels.attention_fwd import site_shapes
+    s = site_shapes(op, a)
+    if s is None or s["exact"]:
+        return None
+    return (s["d"] // int(a["pq_subspaces"]), int(a["pq_centroids"]), dtype_name(s["dtype"]),
+            autotune.bucket(s["b"] * s["hkv"] * s["nk"]))
+
+
 autotune.register_candidates(KERNEL, [
     autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=64, BLOCK_C=16),  # dsub <= 8
     autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=32, BLOCK_C=16),  # dsub <= 16
     autotune.KernelConfig.make(num_warps=4, num_stages=1, BLOCK_N=16, BLOCK_C=8),   # dsub <= 64
     autotune.KernelConfig.make(num_warps=8, num_stages=1, BLOCK_N=16, BLOCK_C=8),   # dsub <= 128
-], fits=_fits)
+], fits=_fits, site_key=_site_key)
 
 
 def _aot_signature(dt: str) -> dict:

@@ -18,10 +18,16 @@ the plain dense FFN (no routing, permutation or grouping copies) and saves h_pre
 layout of docs/OPS.md (dense [T, H] pre-activations viewed as [T*E, Hb]), which only its own backward reads.
 The backward computes only the gradients autograd asks for (ctx.needs_input_grad: frozen weights are free).
 
-Outputs (y, block_ids, h_pre, h_up): block_ids [T, top_k] int32, h_pre/h_up [T*top_k, Hb] pre-activations in
-block-grouped order (saved for the backward; not differentiable), h_up empty [0] when ungated.
-Dispatch (sparse mode): CUDA tensors (fp16/bf16/fp32) → Triton kernels in spt_compile.kernels; everything
-else → the plain-PyTorch reference in lowering/reference/routed_ffn.py.
+LoRA (optional, per projection; docs/OPS.md): the gate/first and up projections add s·B_e·u with u = A·dropout(x)
+given by the caller (computed once for all blocks by the graph, so dropout and A's gradient stay with
+autograd); the down projection adds s2·B2·v2 with v2 = Σ_e A2_e·h_e over the kept blocks. Gradients are exact
+for u, B and A2, B2; with a frozen base no base weight-gradient GEMM runs.
+
+Outputs (y, block_ids, h_pre, h_up, v2): block_ids [T, top_k] int32, h_pre/h_up [T*top_k, Hb] pre-activations in
+block-grouped order (saved for the backward; not differentiable), h_up empty [0] when ungated, v2 [T, r2] the
+down adapter's input (empty [0] without one). Autocast: fp32 inputs run in the autocast dtype (bf16/fp16).
+Dispatch (sparse mode): lowering/dispatch.py (CUDA fp16/bf16/fp32 → Triton kernels in spt_compile.kernels, and
+CPU under SPT_KERNELS=triton; everything else → the plain-PyTorch reference in lowering/reference/routed_ffn.py).
 """
 from __future__ import annotations
 

@@ -137,7 +137,8 @@ def plan_ffn(m, options: SptOptions, weight_known: bool) -> FfnPlan | str:
     out_shape, in_shape = val(m.output).shape, x.shape
     if tuple(out_shape[:-1]) != tuple(in_shape[:-1]):
         return f"views between the projections change the token layout ({list(in_shape)} -> {list(out_shape)})"
-    notes = []
+    from spt_compile.patterns.lora import adapters_note  # e.g. "LoRA on gate (r=16), up (r=16), down (r=16)"
+    notes = adapters_note(m)
     blocks = _largest_divisor_at_most(hidden, options.ffn_blocks)
     if blocks != options.ffn_blocks:
         notes.append(f"ffn_blocks {options.ffn_blocks} -> {blocks} (hidden width {hidden})")

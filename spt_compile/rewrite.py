@@ -16,6 +16,7 @@ from spt_compile.options import SptOptions
 from spt_compile.plan import AttentionPlan, FfnPlan, op_takes_min_seq_len, plan_attention, plan_ffn
 from spt_compile.patterns.attention import AttentionMatch, find_attention
 from spt_compile.patterns.ffn import FfnMatch, find_ffn
+from spt_compile.patterns.lora import lora_op_args
 from spt_compile.patterns.graph_utils import copy_provenance, module_path, shape_str, size_hint, source_line, val
 from spt_compile.patterns.normalize import normalize_graph
 from spt_compile.report import DENSE, REWRITTEN, GraphRecord, Report, SiteRecord
@@ -149,7 +150,7 @@ def _rewrite_ffn(gm: fx.GraphModule, m: FfnMatch, plan: FfnPlan, weights: dict) 
         perm_node = _constant(gm, add, "spt_block_perm", torch.tensor(perm, dtype=torch.int64, device=val(m.up.x).device))
         op = add("call_function", torch.ops.spt.routed_ffn.default,
                  (m.up.x, w1, b1, w_up, b_up, w2, b2, perm_node, plan.act, int(plan.E), int(plan.k), plan.router,
-                  int(plan.rank), int(plan.refresh), next(_SITE_IDS)))
+                  int(plan.rank), int(plan.refresh), next(_SITE_IDS)) + lora_op_args(m.up, m.gated_up, m.down, add))
         result = add("call_function", operator.getitem, (op, 0))
     add.copy_provenance_from(out)
     out.replace_all_uses_with(result)

@@ -73,12 +73,13 @@ def _tile_view(x: Tensor, c: int, tile: int) -> Tensor:
     return x.reshape(b, h, c, tile, xd)
 
 
-def _expand_rows(a: Tensor | None, b: int, h: int, rows: int, nk: int) -> Tensor | None:
-    return None if a is None else a.expand(b, h, rows, nk)
-
-
 def _tile_any(a: Tensor, c: int, tile: int) -> Tensor:
-    """[B, H, rows, Nk] bool -> [B, H, c, Nk]: allowed for some query of each tile (padded rows add nothing)."""
+    """[Bm, Hm, rows or 1, Nk] (or [rows, Nk]) bool -> [Bm, Hm, c, Nk]: allowed for some query of each tile
+    (padded rows add nothing). Reduces at the mask's own broadcast shape: callers expand the result."""
+    while a.dim() < 4:
+        a = a[None]
+    if a.shape[2] == 1:  # the query dim broadcasts: every tile sees the same row
+        return a.expand(a.shape[0], a.shape[1], c, a.shape[3])
     return _tile_view(a.to(torch.uint8), c, tile).amax(3).bool()
 
 
@@ -110,7 +111,7 @@ def tile_allowed_indices(mask: Tensor | None, is_causal: bool, shape: tuple[int,
             n = min(nk, L)
             idx[:, :, t0:t1, :n] = keys[:n].to(torch.int32)
             continue
-        union = _tile_any(_expand_rows(allowed, b, h, i1 - i0, nk), t1 - t0, tile)  # [B, H, c, Nk]
+        union = _tile_any(allowed, t1 - t0, tile).expand(b, h, t1 - t0, nk)  # [B, H, c, Nk]
         if int(union.sum(-1).max()) > L:
             raise ValueError(f"a tile may see {int(union.sum(-1).max())} keys, more than its L={L} slots")
         idx[:, :, t0:t1] = _ascending_first(keys.expand(union.shape), union, L)
@@ -143,9 +144,9 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
             union = torch.ones((b, h, c, nk), dtype=torch.bool, device=q.device)
             sizing = torch.full((b, h, c), nk, dtype=torch.int64, device=q.device)
         else:
-            union = _tile_any(_expand_rows(allowed, b, h, i1 - i0, nk), c, tile)
+            union = _tile_any(allowed, c, tile).expand(b, h, c, nk)
             strict, _ = query_allowed(mask, is_causal, i0, i1, nk, torch.float32, q.device, padding_too=False)
-            sizing = _tile_any(_expand_rows(strict, b, h, i1 - i0, nk), c, tile).sum(-1)
+            sizing = _tile_any(strict, c, tile).sum(-1).expand(b, h, c)
         l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H, c]
         kk = min(L, nk)
         # stable descending sort: equal masses keep the lower key first (a deterministic contract)

@@ -10,7 +10,8 @@ projections is evaluated on probe values in float64 and compared with each known
 `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))` (GPT-2's new-GELU) is GELU-tanh in any order.
 
 Completeness: a candidate is every projection back to d (H -> d, H > d) fed, through elementwise ops, by a
-projection d -> H (or a multiple of H: fused). Each candidate becomes an FfnMatch; one the matcher cannot take
+projection d -> H (or a multiple of H: fused). An FFN with H = d is matched too, but is no candidate: it is
+listed only when it matches up to its activation (dropout, escapes and adapters are still reported). Each candidate becomes an FfnMatch; one the matcher cannot take
 carries `problem` (the reason) and `near_miss` (the step that failed):
     "region"      an op between the projections is not elementwise
     "dropout"     dropout with p > 0 in training between the projections (the op has none)
@@ -78,14 +79,16 @@ def find_ffn(graph: fx.Graph) -> list[FfnMatch]:
     projections = _projections(graph)
     matches, used = [], set()
     for down in list(projections.values()):
-        if down.in_features <= down.out_features:
-            continue  # not a projection back to a narrower d
+        if down.in_features < down.out_features:
+            continue  # not a projection back to a narrower (or equal) d
         ups = _candidate_ups(down, projections)
         if ups:
             m = _match_from_down(down, projections)
+            if down.in_features == down.out_features and m.near_miss in ("region", "projections", "activation"):
+                continue  # H = d is no candidate (e.g. a one-head attention's v -> o); taken only when it matches
             used.update(p.node for p in ups)
             matches.append(m)
-        else:
+        elif down.in_features > down.out_features:
             cut = _cut_second_half(down, projections)
             if cut is not None:
                 matches.append(cut)
@@ -177,14 +180,14 @@ def _assign(m: FfnMatch, projs, activation: str, gate_first: bool, region) -> No
 
 
 def _check_adapters(m: FfnMatch) -> None:
-    adapted = [p for p in (m.up, m.gated_up, m.down) if p is not None and p.adapter is not None]
-    if adapted:
-        names = ", ".join(f"'{module_path(p.node) or p.node.name}'" for p in adapted)
-        raise _Fail("adapter", f"LoRA-adapted projection(s) {names}: the routed FFN op takes no adapters yet")
+    from spt_compile.patterns.lora import adapter_problem  # LoRA adapters go into the op (patterns/lora.py)
+    problem = adapter_problem((("first", m.up), ("up", m.gated_up), ("down", m.down)))
+    if problem:
+        raise _Fail("adapter", problem)
 
 
 def _check_escapes(m: FfnMatch) -> None:
-    inside = set(m.interior) | {m.output}
+    inside = set(m.interior) | {m.output} | set(m.down.nodes if m.down is not None else ())  # (LoRA's A reads h)
     for n in m.interior:
         for u in n.users:
             if u in inside:

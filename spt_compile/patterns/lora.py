@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from spt_compile.patterns import normalize as N
-from spt_compile.patterns.graph_utils import is_call, is_view, val
+from spt_compile.patterns.graph_utils import is_call, is_cast, is_view, val
 from spt_compile.patterns.projection import Projection, match_projection, plain_projection
 
 
@@ -104,13 +104,18 @@ def _lora_term(node, x) -> LoraTerm | None:
         return None
     if a.out_features >= min(a.in_features, b.out_features) or len(a.node.users) != 1:
         return None  # not a low-rank pair of its own
-    src, drop, p = a.x, None, 0.0
-    if is_call(src, N.DROPOUT):
-        src, drop = src.args[0], src
-        p = _dropout_p(drop)
+    src, drop, p, casts = a.x, None, 0.0, []
+    # PEFT casts the adapter's input to lora_A's dtype (a no-op, or under autocast fp32 -> the autocast linear);
+    # a real dtype change without autocast has mismatched weights, which adapter_problem refuses
+    while is_cast(src) or is_call(src, N.DROPOUT):
+        if is_call(src, N.DROPOUT):
+            drop, p = src, _dropout_p(src)
+        else:
+            casts.append(src)
+        src = src.args[0]
     if src is not x:
         return None
-    nodes = tuple(n for n in (node, inner, b.node, a.node, drop) if n is not None)
+    nodes = tuple(n for n in (node, inner, b.node, a.node, drop, *casts) if n is not None)
     return LoraTerm(a, b, scaling, drop, p, tuple(dict.fromkeys(nodes)))
 
 
@@ -201,6 +206,12 @@ def adapter_problem(projections) -> str:
             return f"{role} projection '{p.node.name}': adapter kind not supported"
         if p.adapter.problem:
             return p.adapter.problem
+        for t in p.adapter.terms:
+            # weights only: under autocast fp32 weights feed bf16 activations, which the op's autocast handles
+            dtypes = {getattr(val(n), "dtype", None) for n in (p.weight, t.a.weight, t.b.weight)}
+            if len(dtypes) != 1:
+                return (f"{role} projection '{p.node.name}': adapter dtypes {sorted(map(str, dtypes))} differ from "
+                        f"the base's (e.g. PEFT's fp32 adapters on a half-precision base): the op runs one dtype")
         if role == "down" and any(t.dropout_p > 0 for t in p.adapter.terms):
             ps = sorted({t.dropout_p for t in p.adapter.terms})
             return (f"LoRA dropout p={ps[-1]} on the down projection's adapter: its input is the FFN's hidden "
@@ -241,3 +252,14 @@ def _down_adapter(terms, add) -> tuple:
           for t in terms]
     b = add("call_function", torch.cat, (bs, 1))
     return (a, b, 1.0)
+
+
+def adapters_note(m) -> list[str]:
+    """The report's note on an FfnMatch's adapters, e.g. ["LoRA on gate (r=16), up (r=16), down (r=16)"]."""
+    parts = []
+    for role, p in (("gate" if m.gated_up is not None else "up", m.up), ("up", m.gated_up), ("down", m.down)):
+        terms = adapters_of(p)
+        if terms:
+            ranks = "+".join(str(t.a.out_features) for t in terms)
+            parts.append(f"{role} (r={ranks})")
+    return [f"LoRA on {', '.join(parts)}"] if parts else []

@@ -131,7 +131,12 @@ def _lora_term(node, x) -> LoraTerm | None:
     return LoraTerm(a, b, float(scaling), drop) if src is x else None
 
 
-PROJECTION_MATCHERS: list[Callable[[fx.Node], Projection | None]] = [adapted_projection, plain_projection,
+def _lora_projection(node) -> Projection | None:
+    from spt_compile.patterns.lora import lora_projection  # lora.py builds on this module (import cycle)
+    return lora_projection(node)
+
+
+PROJECTION_MATCHERS: list[Callable[[fx.Node], Projection | None]] = [_lora_projection, plain_projection,
                                                                       sliced_projection]
 
 

@@ -7,8 +7,9 @@
   training (weights identical on both ranks by DDP) both ranks run the same probe batch and must give the same
   output. The low-rank router fits its factors to the second moment of the inputs of the call that refreshes it;
   unless that statistic is all-reduced across ranks, each rank fits it to its own data and routes differently.
-- DDP's graph splits (DDPOptimizer, one graph per gradient bucket) must not drop rewrites: with the default
-  bucket size the toy model is one bucket and every site is rewritten.
+- DDP's graph splits (DDPOptimizer, one graph per gradient bucket) must not drop rewrites silently: a site cut
+  by a bucket boundary stays dense and the report says why; `torch._dynamo.config.optimize_ddp = False` (one
+  graph) keeps every site whole.
 Processes are spawned (not forked: forking after OpenMP has started can hang); small shapes, aot_eager inner
 backend, so each test takes seconds of compute plus two interpreter start-ups.
 """
@@ -131,3 +132,44 @@ def test_default_mode_two_ranks_close_to_one_process_and_route_alike(tmp_path):
     if diff > 1e-6:
         pytest.xfail(f"ranks route differently (probe outputs differ by {diff:.3g}): the low-rank router's input "
                      "second moment is fit per rank at refresh; it must be all-reduced (lowering/router.py)")
+
+
+WIDE = ToyConfig(hidden=256, heads=4, kv_heads=2, ffn_hidden=1024, layers=2, mask="causal")  # ~3 MB a layer
+
+
+def _split_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import spt_compile
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, lengths = torch.randn(LOCAL, N, WIDE.hidden), torch.full((LOCAL,), N)
+        found = {}
+        for optimize_ddp in (True, False):
+            torch._dynamo.reset()
+            torch._dynamo.config.optimize_ddp = optimize_ddp
+            torch.manual_seed(0)
+            model = ToyTransformer(WIDE).train()
+            n0 = len(spt_compile.last_reports())
+            fn = torch.compile(DDP(model, bucket_cap_mb=1), backend="spt", options=DEFAULT)
+            fn(x, lengths).square().mean().backward()
+            reports = spt_compile.last_reports()[n0:]
+            found[optimize_ddp] = dict(graphs=len(reports), rewritten=_rewritten(reports),
+                                       dense=[(d.kind, d.reason) for r in reports for d in r.dense()])
+        torch.save(found, os.path.join(out_dir, f"split{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_graph_splits_are_reported_and_one_graph_keeps_every_site(tmp_path):
+    mp.start_processes(_split_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    found = torch.load(tmp_path / "split0.pt")
+    split, whole = found[True], found[False]
+    print(f"DDP buckets of 1 MB: {split}; optimize_ddp=False: {whole}")
+    assert split["graphs"] > 1
+    att, ffn = split["rewritten"]
+    lost = 2 * WIDE.layers - att - ffn
+    assert len(split["dense"]) == lost and all("split" in why or "break" in why for _, why in split["dense"]), split
+    assert whole == dict(graphs=1, rewritten=(WIDE.layers, WIDE.layers), dense=[]), whole

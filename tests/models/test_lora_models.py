@@ -85,6 +85,42 @@ def test_lora_dropout_on_gate_up_is_exact_and_on_down_stays_dense_with_reason():
     assert len(spt_compile.last_report().rewritten("ffn")) == LAYERS
 
 
+def test_fp32_adapters_on_a_bf16_base_stay_dense_with_the_reason():
+    """PEFT keeps adapters in fp32 on a half-precision base (autocast_adapter_dtype=True): the op runs one dtype."""
+    torch.manual_seed(0)
+    base = small_hf_model("llama", "sdpa", layers=1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=128)
+    model = peft.get_peft_model(base.to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj"]))
+    assert model.base_model.model.model.layers[0].mlp.gate_proj.lora_A["default"].weight.dtype == torch.float32
+    spt_compile.report.clear_reports()
+    torch.compile(model, backend="spt", options={"inner_backend": "aot_eager"})(**_inputs("llama"))
+    (site,) = [s for s in _all_reports().sites if s.kind == "ffn"]
+    assert site.status == "dense" and "dtype" in site.reason, site.reason   # (the region check may say it first)
+
+
+def test_bf16_autocast_lora_llama_runs_the_routed_ffn_in_bf16():
+    """Under CPU bf16 autocast the adapted FFN is rewritten and runs in bf16 (PEFT casts the down adapter's input
+    to lora_A's fp32 dtype: a cast the matcher looks through); output and LoRA gradients match eager autocast."""
+    model = _lora_model("llama", layers=1)
+    eager, spt = copy.deepcopy(model), copy.deepcopy(model)
+    spt_compile.report.clear_reports()
+    compiled = torch.compile(spt, backend="spt", options={"inner_backend": "aot_eager", "ffn_density": 1.0,
+                                                          "attention": "dense"})
+    inputs = _inputs("llama")
+    outs = []
+    for m in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(**inputs).logits
+        out.float().square().mean().backward()
+        outs.append(out)
+    assert outs[1].dtype == torch.bfloat16
+    assert len(_all_reports().rewritten("ffn")) == 1, str(_all_reports())
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=5e-2, atol=5e-2)
+    for (n, a), (_, b) in zip(eager.named_parameters(), spt.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=5e-3, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def _all_reports():
     merged = spt_compile.Report()
     for r in spt_compile.last_reports():

@@ -1,0 +1,169 @@
+"""The per-query attention launchers' bench closures (kernels/attention_topk.py, attention_fwd.py,
+attention_bwd.py) under the interpreter with timing forced on and a fake timer: every fitting candidate is
+launched once on the real inputs, the argmin is kept and used by the final launch, the outputs equal the untuned
+ones (accumulators reset per run), a second call with the same bucketed key times nothing, and the site_key
+hooks name exactly the keys the launchers use. No timing asserts: the timer is fake."""
+import pytest
+import torch
+
+from spt_compile.kernels import attention_bwd as kbwd
+from spt_compile.kernels import attention_fwd as kfwd
+from spt_compile.kernels import attention_topk as ktopk
+from spt_compile.kernels import autotune
+from spt_compile.kernels import pq as kpq
+from spt_compile.lowering.formulas import attention_keys_kept
+
+B, H, HKV, N, D = 1, 2, 1, 32, 16
+SCALE = D ** -0.5
+FAST = 1  # index (among the fitting candidates) the fake timer makes fastest: not the default (index 0)
+
+
+class Spy:
+    """Wraps a @triton.jit kernel and records the config of every launch (`kernel[grid](...)`)."""
+
+    def __init__(self, kernel, meta):
+        self.kernel, self.meta, self.launches = kernel, meta, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kw):
+            self.launches.append(autotune.KernelConfig.make(kw["num_warps"], kw["num_stages"],
+                                                            **{m: kw[m] for m in self.meta}))
+            return launch(*args, **kw)
+        return call
+
+
+class FakeTimer:
+    """Runs each candidate once and reports 0.5 ms for the FAST-th fitting candidate, 2 ms for the others."""
+
+    def __init__(self, cands):
+        self.cands, self.calls = cands, []
+
+    def __call__(self, fn, cfg):
+        self.calls.append(cfg)
+        fn()
+        return 0.5 if cfg == self.cands[FAST] else 2.0
+
+
+def _no_timing(fn, cfg):
+    raise AssertionError(f"nothing may be timed here (asked to time {cfg})")
+
+
+def _problem(nq=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, nq, D, generator=g)
+    k, v = torch.randn(B, HKV, N, D, generator=g), torch.randn(B, HKV, N, D, generator=g)
+    L = attention_keys_kept(N, 0.25)
+    i = torch.arange(nq)[:, None]
+    idx = (torch.rand(B, H, nq, L, generator=g) * (i + 1)).long().clamp_max(i).int()  # causal key lists
+    idx[..., -1] = -1  # an empty slot
+    return q, k, v, idx, torch.randn(B, H, nq, D, generator=g)
+
+
+def _topk(q, k, v, idx, dout):
+    cb, codes = kpq.pq_quantize(k, 4, 8, 1)
+    return (ktopk.select_topk(q, cb, codes, None, True, SCALE, idx.shape[-1]),)
+
+
+def _fwd(q, k, v, idx, dout):
+    return kfwd.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, torch.tensor(7))
+
+
+def _bwd(mode):
+    def run(q, k, v, idx, dout):
+        out, lse = kfwd.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, torch.tensor(7))
+        return kbwd.sparse_attention_backward(dout, q, k, v, out, lse, idx, None, True, SCALE, 0.1,
+                                              torch.tensor(7), dkv_mode=mode)
+    return run
+
+
+L0 = attention_keys_kept(N, 0.25)
+# (launcher, module, kernel attribute, meta names, kernel name, its key for _problem())
+CASES = {
+    "topk": (_topk, ktopk, "_topk_kernel", ("BLOCK_M", "BLOCK_N"), ktopk.KERNEL,
+             ktopk.tuning_key(D, torch.float32, B * H * N, N)),
+    "fwd": (_fwd, kfwd, "_fwd_kernel", ("BLOCK_L",), kfwd.KERNEL,
+            kfwd.tuning_key(D, D, torch.float32, B * H * N, L0)),
+    "bwd_dq": (_bwd("sorted"), kbwd, "_bwd_dq_kernel", ("BLOCK_L",), kbwd.KERNEL_DQ,
+               kbwd.dq_key(D, D, torch.float32, "sorted", B * H * N, L0)),
+    "bwd_dq_atomic": (_bwd("atomic"), kbwd, "_bwd_dq_kernel", ("BLOCK_L",), kbwd.KERNEL_DQ,
+                      kbwd.dq_key(D, D, torch.float32, "atomic", B * H * N, L0)),
+    "bwd_dkv": (_bwd("sorted"), kbwd, "_bwd_dkv_kernel", ("BLOCK_P",), kbwd.KERNEL_DKV,
+                kbwd.dkv_key(D, D, torch.float32, B * HKV * N, B * H * N * L0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bench_closure_times_each_fitting_candidate_and_keeps_the_argmin(case, autotune_on, monkeypatch):
+    launcher, module, attr, meta, kernel, key = CASES[case]
+    inputs = _problem()
+    autotune.set_timer(_no_timing)
+    untuned = launcher(*inputs)  # the interpreter refuses to time: first fitting candidates
+    assert {r["source"] for r in autotune.used()} == {"default"}
+
+    cands = autotune.fitting(kernel, key)
+    assert len(cands) >= 2
+    spy = Spy(getattr(module, attr), meta)
+    monkeypatch.setattr(module, attr, spy)
+    monkeypatch.setattr(autotune, "_can_time", lambda entry: True)  # what a GPU allows
+    autotune.invalidate()
+    timer = FakeTimer(cands)
+    autotune.set_timer(lambda fn, cfg: timer(fn, cfg) if cfg in cands else 1.0)  # other kernels: a tie
+    tuned = launcher(*inputs)
+    assert timer.calls == cands and spy.launches == cands + [cands[FAST]]  # each candidate once, then the argmin
+    (rec,) = [r for r in autotune.used() if r["kernel"] == kernel and tuple(r["key"]) == key]
+    assert rec["source"] == "tuned" and rec["entry"]["config"] == cands[FAST].to_json()
+    for got, want in zip(tuned, untuned):  # other block sizes only reorder fp32 sums
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with autotune.forced({kernel: cands[FAST]}):  # the tuned run's outputs are exactly one clean launch's
+        for got, want in zip(tuned, launcher(*inputs)):
+            assert torch.equal(got, want)
+
+    # same key (Nq = 24 buckets with 32): the entry applies, nothing is timed again, even after the memo is gone
+    benchmarks = autotune.stats()["benchmarks"]
+    autotune.set_timer(_no_timing)
+    autotune.invalidate()
+    spy.launches.clear()
+    launcher(*_problem(nq=24, seed=1))
+    assert autotune.stats()["benchmarks"] == benchmarks and spy.launches == [cands[FAST]]
+
+
+def test_attention_launchers_are_not_timed_under_the_interpreter(autotune_on):
+    autotune.set_timer(_no_timing)  # tuning is on (fixture), but Triton configs are never timed here
+    for launcher, *_ in CASES.values():
+        launcher(*_problem())
+    assert autotune.stats()["benchmarks"] == 0
+
+
+PER_QUERY = (kpq.KERNEL, ktopk.KERNEL, kfwd.KERNEL, kbwd.KERNEL_DQ, kbwd.KERNEL_DKV)
+
+
+def _site(density=0.25, **extra):
+    t = lambda *shape: {"shape": list(shape), "dtype": "float32", "itemsize": 4, "device": "cuda:0"}  # noqa: E731
+    return {"op": "spt.pq_sparse_attention.default", "q": t(B, H, N, D), "k": t(B, HKV, N, D),
+            "v": t(B, HKV, N, D), "mask": None, "is_causal": True, "density": density, "pq_subspaces": 4,
+            "pq_centroids": 8, "kmeans_iters": 1, "min_seq_len": 0, "query_tile": 0, **extra}
+
+
+def _site_keys(args):
+    pairs = autotune.site_kernel_keys("spt.pq_sparse_attention", args)
+    return {name: key for name, key in pairs if name in PER_QUERY}
+
+
+def test_site_keys_are_the_keys_the_launchers_use(autotune_on):
+    q, k, v, idx, dout = _problem()
+    _topk(q, k, v, idx, dout)
+    _bwd("sorted")(q, k, v, idx, dout)
+    launched = {r["kernel"]: tuple(r["key"]) for r in autotune.used()}
+    assert _site_keys(_site()) == {name: launched[name] for name in PER_QUERY}
+    assert _site_keys(_site())[kfwd.KERNEL] == CASES["fwd"][5]
+
+    exact = _site_keys(_site(density=1.0))  # every key listed: no PQ, no selection; L = Nk
+    assert set(exact) == {kfwd.KERNEL, kbwd.KERNEL_DQ, kbwd.KERNEL_DKV}
+    assert exact[kfwd.KERNEL] == kfwd.tuning_key(D, D, torch.float32, B * H * N, N)
+    assert set(_site_keys(_site(min_seq_len=N + 1))) == set(exact)
+    assert _site_keys(_site(query_tile=16)) == {}          # query tiles: other kernels
+    symbolic = _site()
+    symbolic["q"] = {**symbolic["q"], "shape": [B, H, "s0", D]}
+    assert _site_keys(symbolic) == {}
