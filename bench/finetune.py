@@ -94,8 +94,8 @@ def run_cell(cell: str, args, device, dtype):
     rows = []
     for label in steps:
         rows.append(dict(cell=f"{name}{'+lora' if lora else ''}", seq=seq, backend=label, time=med[label],
-                         ratio=med["inductor"] / med[label], peak=peaks[label], peak_ratio=peaks[label] / peaks["inductor"],
-                         sites=sites.get(label, "")))
+                         ratio=med["inductor"] / med[label], peak=peaks[label],
+                         peak_ratio=peaks[label] / peaks["inductor"], sites=sites.get(label, "")))
     return stack.description, rows, how
 
 
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
         desc, rows, how = run_cell(cell, args, device, getattr(torch, args.dtype))
         descs[cell.split(":")[0]] = desc
         results += rows
-    from spt_compile.demo import _load_note
-    body = render(results, args, how, f"{_load_note() or 'load unknown'}; total {time.perf_counter() - t0:.0f} s")
+    from spt_compile.demo import load_note
+    body = render(results, args, how, f"{load_note() or 'load unknown'}; total {time.perf_counter() - t0:.0f} s")
     body += "".join(f"- {d}\n" for d in descs.values())
     if skipped:
         body += f"- skipped (over the {args.budget:.0f} s budget): {', '.join(skipped)}\n"

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import machine_name, markdown_table, write_result  # noqa: E402
 from spt_compile import demo_data as D  # noqa: E402
-from spt_compile.demo import FineTuneRun, _load_note, _quiet_transformers  # noqa: E402
+from spt_compile.demo import FineTuneRun, load_note, quiet_transformers  # noqa: E402
 
 GRID = ((0.5, 0.5), (0.5, 0.25), (0.25, 0.5), (0.25, 0.25))  # (attention, ffn)
 TARGETS = {(0.5, 0.5): 0.02, (0.25, 0.25): 0.05}
@@ -39,7 +39,8 @@ def run_config(label, backend, options, encoder, train, held, lr, ref_emb=None):
     """Fine-tune one fresh copy; returns a result dict (and the pretrained embeddings for the cosine)."""
     r = FineTuneRun(label, backend, encoder, options, lr)
     t0 = time.perf_counter()
-    emb0 = embeddings(r.fn, held)                       # compiles; pretrained weights
+    r.first_call(train[0])                              # compiles; the router is fit on training text
+    emb0 = embeddings(r.fn, held)                       # pretrained weights
     r.before = D.evaluate(r.fn, held)
     for ids in train:
         r.losses.append(r.step(ids))
@@ -76,7 +77,7 @@ def render(results, args, data) -> str:
             f"- evaluation: each spt row as compiled (sparse), the dense row dense\n"
             f"- training-free cosine: mean cosine between the spt and dense embeddings of the held-out sequences "
             f"with the pretrained weights\n"
-            f"- {_load_note() or 'load unknown'} (wall times only; the figures above do not depend on load)\n")
+            f"- {load_note() or 'load unknown'} (wall times only; the figures above do not depend on load)\n")
 
 
 def plot(results, path):
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     grid = GRID if args.grid is None else [tuple(float(x) for x in c.split(",")) for c in args.grid.split(";")]
     extra = json.loads(args.improve) if args.improve else None
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(args.seed)
     tok, encoder = D.load_minilm()
     data = D.make_pairs(tok, half=args.seq - 2)

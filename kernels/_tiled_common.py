@@ -57,15 +57,18 @@ class Limits:
         return fp32 if dt == "fp32" else half
 
     def fits(self, cfg: autotune.KernelConfig, key: tuple) -> bool:
-        """key = (BLOCK_D, BLOCK_DV, dtype name, next_power_of_2(T)); a config's BLOCK_M must not exceed the
+        """key = tile_key(...) (its first four fields decide the fit); a config's BLOCK_M must not exceed the
         tile (a program never spans two tiles, so rows past T are wasted) unless it is 16, the dot minimum."""
-        bd, bdv, dt, tp2 = key
+        bd, bdv, dt, tp2 = key[:4]
         bm = dict(cfg.meta).get("BLOCK_M", 16)
         return max(bd, bdv) <= self.max_d(cfg, dt) and bm <= max(16, tp2)
 
 
-def tile_key(bd: int, bdv: int, dt: str, tile: int) -> tuple:
-    return (bd, bdv, dt, next_power_of_2(tile))
+def tile_key(bd: int, bdv: int, dt: str, tile: int, rows: int) -> tuple:
+    """The tuning key of a tiled kernel: (BLOCK_D, BLOCK_DV, dtype name, next_power_of_2(T), bucket(rows)),
+    rows = the rows the launch walks (query rows B*H*Nq; key rows B*Hkv*Nk for dK/dV): the best block sizes
+    change with the amount of work, so each size bucket is tuned apart."""
+    return (bd, bdv, dt, next_power_of_2(tile), autotune.bucket(rows))
 
 
 def check_tile_args(q: torch.Tensor, idx: torch.Tensor | None, tile: int, scale: float) -> int:

@@ -187,12 +187,13 @@ def tiled_attention_forward(q, k, v, idx, mask, is_causal, scale, tile, dropout_
     dropout = float(dropout_p) > 0
     seed_t = seed_tensor(seed, q.device) if dropout else lens
     BD, BDV = block_d(d), block_d(dv)
-    cfg = autotune.get_config(KERNEL, tile_key(BD, BDV, dtype_name(q.dtype), tile))
-    grid = (nt * triton.cdiv(tile, cfg["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](
-        q, k, v, idx, lens, bias if bias is not None else lse, seed_t, out, lse,
-        h, hkv, nq, nk, tile, nt, L, d, dv, float(scale), float(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *ms,
-        HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout, PREC=dot_precision(q.dtype),
-        BLOCK_D=BD, BLOCK_DV=BDV, **cfg.kwargs())
+
+    def run(cfg):  # one launch; the autotuner times it per candidate (every row rewrites its out and lse)
+        _fwd_kernel[(nt * triton.cdiv(tile, cfg["BLOCK_M"]), b * h)](
+            q, k, v, idx, lens, bias if bias is not None else lse, seed_t, out, lse,
+            h, hkv, nq, nk, tile, nt, L, d, dv, float(scale), float(dropout_p),
+            *q.stride(), *k.stride(), *v.stride(), *ms,
+            HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout, PREC=dot_precision(q.dtype),
+            BLOCK_D=BD, BLOCK_DV=BDV, **cfg.kwargs())
+    run(autotune.get_config(KERNEL, tile_key(BD, BDV, dtype_name(q.dtype), tile, b * h * nq), bench=run))
     return out, lse

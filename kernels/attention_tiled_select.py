@@ -331,14 +331,17 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
     stats = torch.empty((b, h, nq, 2), dtype=torch.float32, device=q.device)
     bias_t = bias if bias is not None else stats
     BD = block_d(d)
-    key = tile_key(BD, BD, "fp32", tile)
+    key = tile_key(BD, BD, "fp32", tile, b * h * nq)
     flags = dict(HAS_MASK=bias is not None, IS_CAUSAL=bool(is_causal), PREC="tf32", BLOCK_D=BD)
     pad_thr = padding_threshold(mask)
     common = (h, hkv, nq, nk, C, DS, d)
-    cfg = autotune.get_config(KERNEL_STATS, key)
-    _stats_kernel[(b * h, triton.cdiv(nq, cfg["BLOCK_M"]))](
-        q, codebooks, codes, bias_t, stats, *common, float(scale), pad_thr, *q.stride(), *ms,
-        **flags, **cfg.kwargs())
+
+    def run_stats(cfg):  # rewrites every row's stats: safe to time per candidate
+        _stats_kernel[(b * h, triton.cdiv(nq, cfg["BLOCK_M"]))](
+            q, codebooks, codes, bias_t, stats, *common, float(scale), pad_thr, *q.stride(), *ms,
+            **flags, **cfg.kwargs())
+    # the mass kernel accumulates into its counts, so it is tuned through a whole stage (autotune.tune_stage)
+    run_stats(autotune.get_config(KERNEL_STATS, key, bench=run_stats))
     # the chunk is the mass kernel's grid dim 1: at most 65535 on CUDA
     step = chunk if chunk is not None else max(1, min(nt, 65535, _CHUNK_ELEMS // max(1, b * h * nk)))
     if not 1 <= step <= 65535:

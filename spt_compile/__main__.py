@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "demo": (("spt_compile.demo",),
              "fine-tune a small model with backend='spt' and with the default backend; print what was rewritten, "
              "speed, memory and loss"),
-    "inspect": (("spt_compile.cli_inspect", "spt_compile.inspect_models"),
+    "inspect": (("spt_compile.cli_inspect",),
                 "print what backend='spt' rewrites in a small Hugging Face model, and why sites stay dense"),
     "options": (("spt_compile.cli_options",), "list the backend options, their defaults and meaning"),
     "kernels": (("spt_compile.cli_kernels",), "list the Triton kernels and their candidate launch configs"),

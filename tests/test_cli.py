@@ -96,10 +96,10 @@ def test_options_json_is_the_defaults(capsys):
 
 
 def test_first_existing_module_serves_a_command(monkeypatch):
-    # `inspect` is served by spt_compile.cli_inspect once it exists, else by inspect_models
-    monkeypatch.setitem(cli.COMMANDS, "inspect", (("spt_compile.no_such_module_xyz", "spt_compile.inspect_models"),
+    # a command may name fallback modules: a missing one is skipped, the next one that exists serves it
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (("spt_compile.no_such_module_xyz", "spt_compile.cli_options"),
                                                   "help"))
-    assert cli.command_module("inspect").__name__ == "spt_compile.inspect_models"
+    assert cli.command_module("inspect").__name__ == "spt_compile.cli_options"
 
 
 def test_missing_command_module_fails_alone_with_a_clear_message(monkeypatch, capsys, tmp_path):
@@ -121,14 +121,9 @@ def test_kernels_lists_registered_kernels_and_rejects_unknown(capsys):
     assert "unknown kernel 'nope'" in out and "attention_fwd" in out
 
 
-def test_inspect_models_prints_the_report(capsys):
-    # inspect_models serves `inspect` until spt_compile.cli_inspect exists; test it directly either way
-    from spt_compile import inspect_models
-    parser = cli.Parser(prog="inspect")
-    inspect_models.add_arguments(parser)
-    args = parser.parse_args(["--model", "llama", "--hidden", "64", "--seq", "16", "--batch", "1",
-                              "--options", '{"min_seq_len": 1}'])
-    assert inspect_models.run(args) == 0
+def test_inspect_command_prints_the_report(capsys):
+    assert cli.main(["inspect", "llama", "--hidden", "64", "--seq", "16", "--batch", "1",
+                     "--options", '{"min_seq_len": 1}']) == 0
     out = capsys.readouterr().out
     assert "attention 2 rewritten / 0 dense; ffn 2 rewritten / 0 dense" in out
     assert "model.layers.1.mlp" in out

@@ -12,7 +12,7 @@ from spt_compile import demo, demo_data as D  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tok():
-    return D.load_minilm(layers=1)[0]
+    return D.load_tokenizer()
 
 
 def test_pairs_are_cls_half_sep_and_heldout_never_in_training(tok):

@@ -106,12 +106,12 @@ def test_readme_demo_excerpt_has_the_format_the_demo_prints(capsys):
     excerpt = section[section.index("```") + 3:]
     excerpt = excerpt[:excerpt.index("```")]
 
-    def run(name, step, peak, before, after):
-        return types.SimpleNamespace(name=name, step_time=step, peak=peak, before=before, after=after,
-                                     losses=[2.0] * 8)
+    def run(name, backend, step, peak, before, after):  # the fields of demo.FineTuneRun the formatter reads
+        return types.SimpleNamespace(name=name, backend=backend, step_time=step, peak=peak, before=before,
+                                     after=after, losses=[2.0] * 8)
 
-    runs = {"inductor (default)": run("inductor (default)", 0.240, 90e6, (2.1234, 0.501), (1.5, 0.75)),
-            "spt": run("spt", 0.480, 72e6, (2.1234, 0.501), (1.6, 0.70))}
+    runs = {"inductor (default)": run("inductor (default)", "inductor", 0.240, 90e6, (2.1234, 0.501), (1.5, 0.75)),
+            "spt": run("spt", "spt", 0.480, 72e6, (2.1234, 0.501), (1.6, 0.70))}
     demo._print_results(runs, "torch.profiler CPU allocation events")
     printed = capsys.readouterr().out
     ours, theirs = _table(printed, "backend"), _table(excerpt, "backend")
@@ -120,3 +120,24 @@ def test_readme_demo_excerpt_has_the_format_the_demo_prints(capsys):
     for got, want in zip(theirs[1:], ours[1:]):
         assert [_shape(c) for c in got] == [_shape(c) for c in want], \
             f"README demo row {got} is not in the format the demo prints: {want}"
+
+
+def test_readme_cli_commands_parse():
+    """Every `python -m spt_compile ...` line the README shows is accepted by today's CLI (flags and arguments;
+    nothing runs), so a renamed flag (e.g. `--seq-len` -> `--seq`) cannot linger in the README."""
+    import shlex
+
+    from spt_compile import __main__ as cli
+    commands = [m.group(1).split(" #")[0].strip()
+                for m in re.finditer(r"python -m spt_compile ([^`\n)]*)", open(README).read())]
+    commands = [c for c in commands if c and not re.search(r"[{<]", c)]  # `{demo,inspect}` / `<command>`: prose
+    assert any(c.startswith("inspect ") for c in commands), commands
+    for command in commands:
+        argv = shlex.split(command)
+        if len(argv) == 1:  # a bare command named in prose or a heading: it must exist
+            assert argv[0] in cli.COMMANDS, f"README names `python -m spt_compile {command}`: no such command"
+            continue
+        try:
+            cli.build_parser(argv[0]).parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"README command `python -m spt_compile {command}` is rejected by the CLI") from e

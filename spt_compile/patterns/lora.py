@@ -160,23 +160,27 @@ def _unknown_adapter(node: fx.Node) -> Projection | None:
 
 
 def _looks_adapted(n) -> bool:
-    """An add of a plain (or Conv1D) projection and a LoRA term on its input; one level, no recursion (the walk
-    above must stay linear in the graph size)."""
+    """An add of a LoRA term and a plain (or Conv1D) projection, or of a LoRA term and such an add (several
+    adapters) on the same input: a cheap check that never calls match_projection, so the walk above stays
+    linear in the graph size."""
     if not (isinstance(n, fx.Node) and _is_plain_add(n)):
         return False
     for base_node, term_node in (n.args, n.args[::-1]):
-        base = plain_projection(base_node) if isinstance(base_node, fx.Node) else None
-        if base is None and isinstance(base_node, fx.Node) and is_view(base_node):
-            base = _base_projection(base_node)
+        if not isinstance(base_node, fx.Node):
+            continue
+        if _is_plain_add(base_node):
+            base_x = _first_base_x(base_node)
+            if base_x is not None and _looks_adapted(base_node) and _lora_term(term_node, base_x) is not None:
+                return True
+            continue
+        base = plain_projection(base_node) or (_base_projection(base_node) if is_view(base_node) else None)
         if base is not None and _lora_term(term_node, base.x) is not None:
             return True
-        if _is_plain_add(base_node) if isinstance(base_node, fx.Node) else False:
-            return _looks_adapted(base_node) and _lora_term(term_node, _first_base_x(base_node)) is not None
     return False
 
 
 def _first_base_x(n):
-    """The input x of the innermost base projection of a chain of adapter adds."""
+    """The input x of the innermost base projection of a chain of adapter adds (None if there is none)."""
     while isinstance(n, fx.Node) and _is_plain_add(n):
         n = n.args[0] if isinstance(n.args[0], fx.Node) else n.args[1]
     p = plain_projection(n) if isinstance(n, fx.Node) else None

@@ -12,10 +12,16 @@ from spt_compile.kernels import attention_topk as ktopk
 from spt_compile.kernels import autotune
 from spt_compile.kernels import pq as kpq
 from spt_compile.lowering.formulas import attention_keys_kept
+from spt_compile.lowering.reference import pq_attention as ref
 
-B, H, HKV, N, D = 1, 2, 1, 32, 16
+B, H, HKV, N, D = 1, 2, 1, 16, 16
 SCALE = D ** -0.5
+L0 = attention_keys_kept(N, 0.25)
+SEED = torch.tensor(7)
 FAST = 1  # index (among the fitting candidates) the fake timer makes fastest: not the default (index 0)
+
+
+PER_QUERY = (kpq.KERNEL, ktopk.KERNEL, kfwd.KERNEL, kbwd.KERNEL_DQ, kbwd.KERNEL_DKV)
 
 
 class Spy:
@@ -51,34 +57,32 @@ def _no_timing(fn, cfg):
 
 
 def _problem(nq=N, seed=0):
+    """(q, k, v, idx, dout, out, lse, codebooks, codes): causal key lists with an empty slot; out / lse / PQ from
+    the plain-PyTorch reference (only the launcher under test runs in the interpreter)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, nq, D, generator=g)
     k, v = torch.randn(B, HKV, N, D, generator=g), torch.randn(B, HKV, N, D, generator=g)
-    L = attention_keys_kept(N, 0.25)
     i = torch.arange(nq)[:, None]
-    idx = (torch.rand(B, H, nq, L, generator=g) * (i + 1)).long().clamp_max(i).int()  # causal key lists
-    idx[..., -1] = -1  # an empty slot
-    return q, k, v, idx, torch.randn(B, H, nq, D, generator=g)
+    idx = (torch.rand(B, H, nq, L0, generator=g) * (i + 1)).long().clamp_max(i).int()  # [B, H, Nq, L]
+    idx[..., -1] = -1
+    out, lse = ref.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, SEED)
+    return (q, k, v, idx, torch.randn(B, H, nq, D, generator=g), out, lse) + ref.pq_quantize(k, 4, 8, 1)
 
 
-def _topk(q, k, v, idx, dout):
-    cb, codes = kpq.pq_quantize(k, 4, 8, 1)
-    return (ktopk.select_topk(q, cb, codes, None, True, SCALE, idx.shape[-1]),)
+def _topk(q, k, v, idx, dout, out, lse, cb, codes):
+    return (ktopk.select_topk(q, cb, codes, None, True, SCALE, L0),)
 
 
-def _fwd(q, k, v, idx, dout):
-    return kfwd.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, torch.tensor(7))
+def _fwd(q, k, v, idx, dout, out, lse, cb, codes):
+    return kfwd.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, SEED)
 
 
 def _bwd(mode):
-    def run(q, k, v, idx, dout):
-        out, lse = kfwd.sparse_attention_forward(q, k, v, idx, None, True, SCALE, 0.1, torch.tensor(7))
-        return kbwd.sparse_attention_backward(dout, q, k, v, out, lse, idx, None, True, SCALE, 0.1,
-                                              torch.tensor(7), dkv_mode=mode)
+    def run(q, k, v, idx, dout, out, lse, cb, codes):
+        return kbwd.sparse_attention_backward(dout, q, k, v, out, lse, idx, None, True, SCALE, 0.1, SEED,
+                                              dkv_mode=mode)
     return run
 
-
-L0 = attention_keys_kept(N, 0.25)
 # (launcher, module, kernel attribute, meta names, kernel name, its key for _problem())
 CASES = {
     "topk": (_topk, ktopk, "_topk_kernel", ("BLOCK_M", "BLOCK_N"), ktopk.KERNEL,
@@ -98,9 +102,10 @@ CASES = {
 def test_bench_closure_times_each_fitting_candidate_and_keeps_the_argmin(case, autotune_on, monkeypatch):
     launcher, module, attr, meta, kernel, key = CASES[case]
     inputs = _problem()
-    autotune.set_timer(_no_timing)
-    untuned = launcher(*inputs)  # the interpreter refuses to time: first fitting candidates
-    assert {r["source"] for r in autotune.used()} == {"default"}
+    autotune.set_timer(_no_timing)  # tuning is on (fixture), but the interpreter refuses to time Triton configs
+    untuned = launcher(*inputs)
+    assert {r["source"] for r in autotune.used()} == {"default"} and autotune.stats()["benchmarks"] == 0
+    others = {name: autotune.candidates(name)[0] for name in PER_QUERY if name != kernel}  # time one kernel
 
     cands = autotune.fitting(kernel, key)
     assert len(cands) >= 2
@@ -108,35 +113,27 @@ def test_bench_closure_times_each_fitting_candidate_and_keeps_the_argmin(case, a
     monkeypatch.setattr(module, attr, spy)
     monkeypatch.setattr(autotune, "_can_time", lambda entry: True)  # what a GPU allows
     autotune.invalidate()
-    timer = FakeTimer(cands)
-    autotune.set_timer(lambda fn, cfg: timer(fn, cfg) if cfg in cands else 1.0)  # other kernels: a tie
-    tuned = launcher(*inputs)
+    autotune.set_timer(timer := FakeTimer(cands))
+    with autotune.forced(others):
+        tuned = launcher(*inputs)
     assert timer.calls == cands and spy.launches == cands + [cands[FAST]]  # each candidate once, then the argmin
     (rec,) = [r for r in autotune.used() if r["kernel"] == kernel and tuple(r["key"]) == key]
     assert rec["source"] == "tuned" and rec["entry"]["config"] == cands[FAST].to_json()
     for got, want in zip(tuned, untuned):  # other block sizes only reorder fp32 sums
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    with autotune.forced({kernel: cands[FAST]}):  # the tuned run's outputs are exactly one clean launch's
+    with autotune.forced({kernel: cands[FAST], **others}):  # the tuned run's outputs are exactly one clean launch's
         for got, want in zip(tuned, launcher(*inputs)):
             assert torch.equal(got, want)
 
-    # same key (Nq = 24 buckets with 32): the entry applies, nothing is timed again, even after the memo is gone
+    # same key (Nq = 12 buckets with 16): the entry applies, nothing is timed again, even after the memo is gone
     benchmarks = autotune.stats()["benchmarks"]
     autotune.set_timer(_no_timing)
     autotune.invalidate()
     spy.launches.clear()
-    launcher(*_problem(nq=24, seed=1))
+    with autotune.forced(others):
+        launcher(*_problem(nq=N * 3 // 4, seed=1))
     assert autotune.stats()["benchmarks"] == benchmarks and spy.launches == [cands[FAST]]
 
-
-def test_attention_launchers_are_not_timed_under_the_interpreter(autotune_on):
-    autotune.set_timer(_no_timing)  # tuning is on (fixture), but Triton configs are never timed here
-    for launcher, *_ in CASES.values():
-        launcher(*_problem())
-    assert autotune.stats()["benchmarks"] == 0
-
-
-PER_QUERY = (kpq.KERNEL, ktopk.KERNEL, kfwd.KERNEL, kbwd.KERNEL_DQ, kbwd.KERNEL_DKV)
 
 
 def _site(density=0.25, **extra):
@@ -152,9 +149,11 @@ def _site_keys(args):
 
 
 def test_site_keys_are_the_keys_the_launchers_use(autotune_on):
-    q, k, v, idx, dout = _problem()
-    _topk(q, k, v, idx, dout)
-    _bwd("sorted")(q, k, v, idx, dout)
+    q, k, v, idx, dout, out, lse, cb, codes = _problem()
+    kpq.pq_quantize(k, 4, 8, 0)
+    _topk(q, k, v, idx, dout, out, lse, cb, codes)
+    _fwd(q, k, v, idx, dout, out, lse, cb, codes)
+    _bwd("sorted")(q, k, v, idx, dout, out, lse, cb, codes)
     launched = {r["kernel"]: tuple(r["key"]) for r in autotune.used()}
     assert _site_keys(_site()) == {name: launched[name] for name in PER_QUERY}
     assert _site_keys(_site())[kfwd.KERNEL] == CASES["fwd"][5]
@@ -167,3 +166,53 @@ def test_site_keys_are_the_keys_the_launchers_use(autotune_on):
     symbolic = _site()
     symbolic["q"] = {**symbolic["q"], "shape": [B, H, "s0", D]}
     assert _site_keys(symbolic) == {}
+
+
+def _tiled_problem():
+    """A small query-tile problem (T = 16, Nq = 40: a short last tile), its selection, forward and dout."""
+    from spt_compile.kernels import attention_tiled_fwd as tfwd, attention_tiled_select as tsel
+    from spt_compile.lowering.formulas import attention_tile_slots
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (40, 36, 36))
+    cb, codes = ref.pq_quantize(k, 2, 8, 1)
+    L = attention_tile_slots(40, 36, 0.3, 4, True)
+    idx = tsel.select_tiles(q, cb, codes, None, True, SCALE, 16, 0.3, 4, L)
+    out, lse = tfwd.tiled_attention_forward(q, k, v, idx, None, True, SCALE, 16, 0.1, SEED)
+    return q, k, v, cb, codes, L, idx, out, lse, torch.randn(1, 2, 40, 16, generator=g)
+
+
+@pytest.mark.parametrize("stage", ["stats", "fwd", "dq", "dkv"])
+def test_tiled_launchers_time_each_fitting_candidate_and_keep_the_argmin(stage, autotune_on, monkeypatch):
+    """The query-tile launchers tune on their own launches too (not only through tune_stage): every fitting
+    candidate runs once, the fake timer's argmin is recorded as tuned, and the outputs equal the untuned ones."""
+    from spt_compile.kernels import attention_tiled_bwd as tbwd, attention_tiled_fwd as tfwd
+    from spt_compile.kernels import attention_tiled_select as tsel
+    kernel = {"stats": tsel.KERNEL_STATS, "fwd": tfwd.KERNEL, "dq": tbwd.KERNEL_DQ, "dkv": tbwd.KERNEL_DKV}[stage]
+    q, k, v, cb, codes, L, idx, out, lse, dout = _tiled_problem()
+
+    def launch():
+        if stage == "stats":
+            return (tsel.select_tiles(q, cb, codes, None, True, SCALE, 16, 0.3, 4, L),)
+        if stage == "fwd":
+            return tfwd.tiled_attention_forward(q, k, v, idx, None, True, SCALE, 16, 0.1, SEED)
+        return tbwd.tiled_attention_backward(dout, q, k, v, out, lse, idx, None, True, SCALE, 16, 0.1, SEED)[:3]
+
+    untuned = launch()
+    tiled = (tsel.KERNEL_STATS, tsel.KERNEL_MASS, tsel.KERNEL_TOPL, tfwd.KERNEL, tbwd.KERNEL_DQ, tbwd.KERNEL_DKV)
+    others = {name: autotune.candidates(name)[0] for name in tiled if name != kernel}
+    monkeypatch.setattr(autotune, "_can_time", lambda entry: True)  # what a GPU allows
+    autotune.invalidate()
+    with autotune.forced(others):
+        launch()  # learn the key this launch tunes on
+        (rec,) = [r for r in autotune.used() if r["kernel"] == kernel][-1:]
+        cands = autotune.fitting(kernel, tuple(rec["key"]))
+        assert len(cands) >= 2, (kernel, rec["key"])
+        autotune.clear()
+        autotune.invalidate()
+        autotune.set_timer(timer := FakeTimer(cands))
+        tuned = launch()
+    assert timer.calls == cands
+    (rec,) = [r for r in autotune.used() if r["kernel"] == kernel and r["source"] == "tuned"]
+    assert rec["entry"]["config"] == cands[FAST].to_json()
+    for got, want in zip(tuned, untuned):  # other block sizes only reorder fp32 sums
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -119,7 +119,8 @@ def test_lora_forward_and_every_gradient_match_reference(lora, k):
     compare(p, perm, 4, k)
 
 
-@pytest.mark.parametrize("frozen", [BASE, BASE + ("x",), ("w1", "w_up"), ("w2", "b1"), ("x", "w1", "w_up", "b1", "b_up")])
+@pytest.mark.parametrize("frozen", [BASE, BASE + ("x",), ("w1", "w_up"), ("w2", "b1"),
+                                    ("x", "w1", "w_up", "b1", "b_up")])
 def test_frozen_weights_match_reference(frozen):
     p, perm = make()
     g = compare(p, perm, 4, 2, frozen)
