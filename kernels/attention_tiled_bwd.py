@@ -35,7 +35,8 @@ from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._tiled_common import Limits, dot_precision, list_lengths, tdot, tile_key
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import seed_tensor
-from spt_compile.kernels.attention_tiled_fwd import aot_constexprs, check_tiled_args, dropout_scale, tile_logits
+from spt_compile.kernels.attention_tiled_fwd import (aot_constexprs, check_tiled_args, dropout_scale, load_rows,
+                                                     tile_logits, tile_program)
 
 KERNEL_DQ = "attention_tiled_bwd_dq"
 KERNEL_DKV = "attention_tiled_bwd_dkv"
@@ -62,22 +63,11 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # grid: (NT * cdiv(T, BLOCK_M), B * H), as the forward
-    rb_per_tile = tl.cdiv(T, BLOCK_M)
-    t = tl.program_id(0) // rb_per_tile
-    r0 = (tl.program_id(0) % rb_per_tile) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // Hkv)
-    rows = t * T + r0 + tl.arange(0, BLOCK_M)
-    row_hi = tl.minimum(t * T + T, Nq)
-    r_ok = rows < row_hi
+    t, bh, b, h, hk, rows, row_hi, r_ok = tile_program(H, Hkv, Nq, T, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
-                + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    do = tl.load(dout_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on
-                 + offs_dv[None, :] * stride_od, mask=r_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, rows, r_ok, offs_d, D, stride_qn, stride_qd)  # [BM, BD]
+    do = load_rows(dout_ptr + b * stride_ob + h * stride_oh, rows, r_ok, offs_dv, DV, stride_on, stride_od)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_base = bias_ptr + b * stride_mb + h * stride_mh

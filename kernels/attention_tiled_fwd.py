@@ -55,6 +55,28 @@ def tile_logits(q, k_base, bias_base, idx_row, lens_t, l0, rows, row_hi, Nk, sca
 
 
 @triton.jit
+def tile_program(H, Hkv, Nq, T, BLOCK_M: tl.constexpr):
+    """Which rows a program of the (NT * cdiv(T, BLOCK_M), B * H) grid owns (fwd and dq share the grid):
+    (tile t, bh, b, h, kv head hk, rows [BM], the tile's row end row_hi, rows valid [BM])."""
+    rb_per_tile = tl.cdiv(T, BLOCK_M)
+    t = tl.program_id(0) // rb_per_tile
+    r0 = (tl.program_id(0) % rb_per_tile) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = t * T + r0 + tl.arange(0, BLOCK_M)
+    row_hi = tl.minimum(t * T + T, Nq)
+    return t, bh, b, h, h // (H // Hkv), rows, row_hi, rows < row_hi
+
+
+@triton.jit
+def load_rows(ptr, rows, r_ok, offs, n, stride_n, stride_d):
+    """[BM, len(offs)] rows of one (b, h) slice at ptr, 0 past the tile or past n columns."""
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_n + offs[None, :] * stride_d,
+                   mask=r_ok[:, None] & (offs < n)[None, :], other=0.0)
+
+
+@triton.jit
 def dropout_scale(seed, bh, rows, slots, Nq, L, dropout_p):
     """[BM, BN] keep / (1 - p) of (query rows, slots): the shared offset convention of fwd and bwd."""
     off = ((bh * Nq + rows[:, None].to(tl.int64)) * L + slots[None, :])
@@ -74,20 +96,10 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # grid: (NT * cdiv(T, BLOCK_M), B * H)
-    rb_per_tile = tl.cdiv(T, BLOCK_M)
-    t = tl.program_id(0) // rb_per_tile
-    r0 = (tl.program_id(0) % rb_per_tile) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // Hkv)
-    rows = t * T + r0 + tl.arange(0, BLOCK_M)
-    row_hi = tl.minimum(t * T + T, Nq)
-    r_ok = rows < row_hi
+    t, bh, b, h, hk, rows, row_hi, r_ok = tile_program(H, Hkv, Nq, T, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
-                + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, rows, r_ok, offs_d, D, stride_qn, stride_qd)  # [BM, BD]
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_base = bias_ptr + b * stride_mb + h * stride_mh

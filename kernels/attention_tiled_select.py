@@ -222,7 +222,7 @@ def _topl_kernel(
 
 # ---------------------------------------------------------------------------------------------- configs
 # Scoring kernels: q tile (fp32), the gathered k^ tile (fp32) and the [BM, BN] scores are live; fp32 dots.
-# key = (BLOCK_D, BLOCK_D, "fp32" (scoring is fp32 for every input dtype), next_power_of_2(T)).
+# key = tile_key(BLOCK_D, BLOCK_D, "fp32" (scoring is fp32 for every input dtype), T, B*H*Nq).
 _C = autotune.KernelConfig.make
 STATS = Limits([
     (_C(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=32), 128, 128),

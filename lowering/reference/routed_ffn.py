@@ -173,9 +173,11 @@ def dense_ffn_backward(dy2d, x2d, w1, w_up, w2, pre, up, activation: str, needs=
     du1, dlb1, du_up, dlb_up, dla2, dlb2); None where not needed (needs[i] False, e.g. frozen weights) or
     absent. The same GEMMs autograd runs through the dense FFN; the activation is recomputed from pre (the op
     saves pre-activations only). A frozen base runs no [H, d] / [d_out, H] weight-gradient GEMM."""
-    n_x, n_w1, n_b1, n_wup, n_bup, n_w2, n_b2, n_u1, n_lb1, n_uup, n_lbup, n_la2, n_lb2 = \
-        tuple(needs) + (False,) * (13 - len(needs))
     gated = up is not None
+    has = (True, True, True, gated, gated, True, True) + (lora.u1 is not None,) * 2 + \
+        (lora.u_up is not None,) * 2 + (lora.a2 is not None,) * 2   # (biases: the caller masks absent ones)
+    n_x, n_w1, n_b1, n_wup, n_bup, n_w2, n_b2, n_u1, n_lb1, n_uup, n_lbup, n_la2, n_lb2 = \
+        tuple(bool(n) and h for n, h in zip(tuple(needs) + (False,) * (13 - len(needs)), has))
     n_up = gated and (n_wup or n_bup or n_uup or n_lbup)
     n_pre = n_x or n_w1 or n_b1 or n_u1 or n_lb1 or n_up                       # anything below the activation
     n_hidden = n_w2 or n_la2

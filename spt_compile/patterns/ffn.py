@@ -10,8 +10,8 @@ projections is evaluated on probe values in float64 and compared with each known
 `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))` (GPT-2's new-GELU) is GELU-tanh in any order.
 
 Completeness: a candidate is every projection back to d (H -> d, H > d) fed, through elementwise ops, by a
-projection d -> H (or a multiple of H: fused). An FFN with H = d is matched too, but is no candidate: it is
-listed only when it matches up to its activation (dropout, escapes and adapters are still reported). Each candidate becomes an FfnMatch; one the matcher cannot take
+projection d -> H (or a multiple of H: fused). An FFN with H <= d is matched too, but is no candidate: it is
+listed only when it matches up to its activation (dropout, escapes and adapters are then still reported). Each candidate becomes an FfnMatch; one the matcher cannot take
 carries `problem` (the reason) and `near_miss` (the step that failed):
     "region"      an op between the projections is not elementwise
     "dropout"     dropout with p > 0 in training between the projections (the op has none)
@@ -79,13 +79,11 @@ def find_ffn(graph: fx.Graph) -> list[FfnMatch]:
     projections = _projections(graph)
     matches, used = [], set()
     for down in list(projections.values()):
-        if down.in_features < down.out_features:
-            continue  # not a projection back to a narrower (or equal) d
         ups = _candidate_ups(down, projections)
         if ups:
             m = _match_from_down(down, projections)
-            if down.in_features == down.out_features and m.near_miss in ("region", "projections", "activation"):
-                continue  # H = d is no candidate (e.g. a one-head attention's v -> o); taken only when it matches
+            if down.in_features <= down.out_features and m.near_miss in ("region", "projections", "activation"):
+                continue  # H <= d is no candidate (a LoRA pair, a one-head attention's v -> o): taken if it matches
             used.update(p.node for p in ups)
             matches.append(m)
         elif down.in_features > down.out_features:
