@@ -9,6 +9,7 @@ listings are all rendered from them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from torch import fx
 
 from spt_compile.patterns.graph_utils import clean_module_path, source_line, val
+
+log = logging.getLogger(__name__)
 
 SPT_PREFIX = "spt."   # str(torch.ops.spt.x.default) == "spt.x.default"
 
@@ -237,7 +240,9 @@ def capture_rewrite(rewrite, gm, example_inputs, options, report, **kwargs):
 
     try:
         before = {**snapshot(gm), "compile": compile_info()}
-    except Exception:  # noqa: BLE001 - inspection must never break compilation
+    except Exception as e:  # noqa: BLE001 - inspection must never break compilation
+        log.warning("spt inspection: no graph snapshot of this compile (%s: %s); the report has no listing or "
+                    "picture for it", type(e).__name__, e)
         before = None
     n_graphs = len(report.graphs)
     out = rewrite(gm, example_inputs, options, report, **kwargs)
@@ -245,6 +250,7 @@ def capture_rewrite(rewrite, gm, example_inputs, options, report, **kwargs):
         try:
             record = report.graphs[-1]
             record.graph_before, record.graph_after = before, snapshot(out if out is not None else gm)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001
+            log.warning("spt inspection: no graph snapshot after the rewrite (%s: %s); the report has no listing "
+                        "or picture for it", type(e).__name__, e)
     return out

@@ -88,3 +88,22 @@ def test_write_dot_without_graphviz_writes_dot_only(tiny_report, tmp_path, monke
     monkeypatch.setattr(graph_picture, "dot_program", lambda: None)
     files = tiny_report.write_dot(tmp_path)
     assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["graph0-after.dot", "graph0-before.dot"]
+
+
+def test_a_failing_snapshot_warns_and_never_breaks_the_compile(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from spt_compile import graph_snapshot
+
+    def broken(gm):
+        raise RuntimeError("boom")
+
+    def rewrite(gm, example_inputs, options, report, **kwargs):
+        report.graphs.append(SimpleNamespace(graph_before=None, graph_after=None))
+        return "compiled"
+
+    monkeypatch.setattr(graph_snapshot, "snapshot", broken)
+    report = SimpleNamespace(graphs=[])
+    with caplog.at_level("WARNING", logger="spt_compile.graph_snapshot"):
+        assert graph_snapshot.capture_rewrite(rewrite, None, [], None, report) == "compiled"
+    assert report.graphs[0].graph_before is None and "RuntimeError: boom" in caplog.text
