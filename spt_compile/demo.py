@@ -110,8 +110,9 @@ def run(args) -> int:
     left = args.total_budget - (time.perf_counter() - t_start)
     if args.large == "always" or (args.large == "auto" and not spt_faster):
         if args.large == "auto" and left < 90:
-            print(f"\nspt is slower at MiniLM's size here; the larger-size step is skipped: {left:.0f} s of the "
-                  f"{args.total_budget:.0f} s budget left (run with --large always to see it)")
+            state = f"{left:.0f} s of it left" if left >= 0 else f"over it by {-left:.0f} s"
+            print(f"\nspt is slower at MiniLM's size here; the larger-size step is skipped: the "
+                  f"{args.total_budget:.0f} s budget is spent ({state}; run with --large always to see it)")
         else:
             if not spt_faster:
                 print(f"\nspt is slower than {args.baseline} at MiniLM's size on this machine (d=384, FFN 1536, "
