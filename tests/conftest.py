@@ -3,8 +3,14 @@ import os
 import shutil
 import tempfile
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors only through the interpreter, and @triton.jit picks the interpreted function
+# when a kernel module is imported: set it before anything (a test module of any folder, e.g. tests/inspect,
+# may import spt_compile.kernels at collection time, before tests/kernels/conftest.py is read). setdefault: the
+# GPU check runs the gpu tests with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests must not depend on each other's compiled-code caches or on leftover Dynamo state.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

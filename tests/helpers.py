@@ -46,7 +46,8 @@ def compare_with_eager(model, args=(), kwargs=None, options=None, inner_backend=
     out = run_and_grad(compiled, args, kwargs, pick)
     dtype = ref.dtype
     tol = tol or TOL[dtype]
-    torch.testing.assert_close(out.float(), ref.float(), **tol, msg=lambda m: f"output differs: {m}")
+    truth = _fp64_truth(model, args, kwargs, pick) if dtype in (torch.bfloat16, torch.float16) else None
+    _assert_close(out, ref, tol, truth and truth[0], "output")
     g_ref, g_out = grads_of(eager), grads_of(spt)
     assert g_ref, "no gradients at all"
     if same_grad_set:
@@ -55,11 +56,40 @@ def compare_with_eager(model, args=(), kwargs=None, options=None, inner_backend=
     for name in sorted(g_ref.keys() | g_out.keys()):
         # AOTAutograd gives zeros where eager leaves None (parameters not on the loss path, e.g. BERT's pooler)
         zero = torch.zeros_like(params[name])
-        torch.testing.assert_close(g_out.get(name, zero).float(), g_ref.get(name, zero).float(), **tol,
-                                   msg=lambda m, name=name: f"grad of {name} differs: {m}")
+        _assert_close(g_out.get(name, zero), g_ref.get(name, zero), tol,
+                      truth and truth[1].get(name, torch.zeros_like(zero, dtype=torch.float64)), f"grad of {name}")
     reports = spt_compile.last_reports()
     assert reports, "backend='spt' was never called"
     merged = spt_compile.Report()
     for r in reports:
         merged.extend(r)
     return merged
+
+
+def _fp64_truth(model, args, kwargs, pick):
+    """(output, grads) of the same model and inputs in float64: the ground truth for half-precision checks."""
+    m64 = copy.deepcopy(model).double()
+    a64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    torch.manual_seed(0)
+    out = run_and_grad(m64, a64, kwargs, pick)
+    return out, grads_of(m64)
+
+
+def _assert_close(got, ref, tol, truth, what):
+    """Elementwise within `tol` of eager; in half precision, failing that, at most 2x eager's own error against
+    fp64 (relative Frobenius norm, plus the atol floor). Why: at a ReLU kink (or a softmax tie) a pre-activation
+    one rounding away from 0 flips between two implementations that round the same math differently, moving one
+    token's whole contribution to one neuron; eager's bf16 differs from fp64 by such flips too, so the fair bar
+    is the project's kernel standard: no worse than PyTorch's own error in the same dtype."""
+    try:
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+        return
+    except AssertionError as e:
+        if truth is None:
+            raise AssertionError(f"{what} differs: {e}") from None
+        elementwise = e
+    t = truth.double()
+    floor = tol["atol"] * t.numel() ** 0.5
+    err_got, err_ref = (got.double() - t).norm().item(), (ref.double() - t).norm().item()
+    assert err_got <= 2 * err_ref + floor, (
+        f"{what}: error vs fp64 {err_got:.3g} > 2 x eager's {err_ref:.3g} + {floor:.3g}; elementwise: {elementwise}")
