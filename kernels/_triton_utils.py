@@ -63,3 +63,25 @@ def mask_as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
         raise ValueError(f"mask must be bool or floating, got {mask.dtype}")
     bias = bias.expand(shape)  # [B, H, Nq, Nk], stride 0 on broadcast dims
     return bias, tuple(bias.stride())
+
+
+def check_pq_selection_args(q: torch.Tensor, codebooks, codes, L) -> None:
+    """The arguments every PQ key-selection launcher shares: q [B, H, Nq, D], codebooks [B, Hkv, M, C, D//M],
+    codes [B, Hkv, Nk, M], L >= 1 (per-query and tiled selection alike)."""
+    check_float("q", q, 4)
+    if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 5:
+        raise ValueError(f"codebooks must be a 5-D tensor [B, Hkv, M, C, D//M], got "
+                         f"{getattr(codebooks, 'shape', type(codebooks).__name__)}")
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 4:
+        raise ValueError(f"codes must be a 4-D tensor [B, Hkv, Nk, M], got "
+                         f"{getattr(codes, 'shape', type(codes).__name__)}")
+    b, h, _, d = q.shape
+    bc, hkv, m, _, ds = codebooks.shape
+    if bc != b or m * ds != d:
+        raise ValueError(f"codebooks shape {tuple(codebooks.shape)} does not match q {tuple(q.shape)}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"q heads ({h}) must be a multiple of codebooks' kv heads ({hkv})")
+    if codes.shape[0] != b or codes.shape[1] != hkv or codes.shape[3] != m:
+        raise ValueError(f"codes shape {tuple(codes.shape)} does not match codebooks {tuple(codebooks.shape)}")
+    if not isinstance(L, int) or L < 1:
+        raise ValueError(f"L must be a positive int, got {L!r}")

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, tile_key
-from spt_compile.kernels._triton_utils import block_d, check_float, mask_as_bias
+from spt_compile.kernels._triton_utils import block_d, check_pq_selection_args, mask_as_bias
 from spt_compile.lowering.formulas import attention_tile_keys
 
 KERNEL_STATS = "attention_tiled_select_stats"
@@ -290,30 +290,12 @@ def padding_threshold(mask: torch.Tensor | None) -> float:
     return max(torch.finfo(mask.dtype).min / 2, torch.finfo(torch.float32).min)
 
 
-def _check(q, codebooks, codes, L):
-    check_float("q", q, 4)
-    if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 5:
-        raise ValueError(f"codebooks must be a 5-D tensor [B, Hkv, M, C, D//M], got "
-                         f"{getattr(codebooks, 'shape', type(codebooks).__name__)}")
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 4:
-        raise ValueError(f"codes must be a 4-D tensor [B, Hkv, Nk, M], got "
-                         f"{getattr(codes, 'shape', type(codes).__name__)}")
-    b, h, _, d = q.shape
-    bc, hkv, m, _, ds = codebooks.shape
-    if bc != b or m * ds != d:
-        raise ValueError(f"codebooks shape {tuple(codebooks.shape)} does not match q {tuple(q.shape)}")
-    if hkv < 1 or h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of codebooks' kv heads ({hkv})")
-    if codes.shape[0] != b or codes.shape[1] != hkv or codes.shape[3] != m:
-        raise ValueError(f"codes shape {tuple(codes.shape)} does not match codebooks {tuple(codebooks.shape)}")
-    if not isinstance(L, int) or L < 1:
-        raise ValueError(f"L must be a positive int, got {L!r}")
 
 
 def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, *, chunk=None):
     """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by summed per-query-normalised PQ mass
     (lowering/reference/tiled_attention.select_tiles; see the module doc)."""
-    _check(q, codebooks, codes, L)
+    check_pq_selection_args(q, codebooks, codes, L)
     nt = check_tile_args(q, None, tile, scale)
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
-from spt_compile.kernels._triton_utils import block_d, check_float, dtype_name, mask_as_bias
+from spt_compile.kernels._triton_utils import block_d, check_pq_selection_args, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import site_shapes
 
 KERNEL = "attention_topk"
@@ -202,24 +202,9 @@ aot.register_aot(aot.AotSpec(KERNEL, _topk_kernel, _aot_signature, _aot_constexp
 def select_topk(q, codebooks, codes, mask, is_causal, scale, L):
     """Top-L allowed keys per query by PQ score (see module doc). q [B, H, Nq, D];
     codebooks [B, Hkv, M, C, D//M] fp32; codes [B, Hkv, Nk, M] int32 -> idx [B, H, Nq, L] int32."""
-    check_float("q", q, 4)
-    if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 5:
-        raise ValueError(f"codebooks must be a 5-D tensor [B, Hkv, M, C, D//M], got "
-                         f"{getattr(codebooks, 'shape', type(codebooks).__name__)}")
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 4:
-        raise ValueError(f"codes must be a 4-D tensor [B, Hkv, Nk, M], got "
-                         f"{getattr(codes, 'shape', type(codes).__name__)}")
+    check_pq_selection_args(q, codebooks, codes, L)
     B, H, Nq, D = q.shape
     Bc, Hkv, M, C, DS = codebooks.shape
-    if Bc != B or M * DS != D:
-        raise ValueError(f"codebooks shape {tuple(codebooks.shape)} does not match q {tuple(q.shape)}")
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"q heads ({H}) must be a multiple of codebooks' kv heads ({Hkv})")
-    if codes.shape[0] != B or codes.shape[1] != Hkv or codes.shape[3] != M:
-        raise ValueError(f"codes shape {tuple(codes.shape)} does not match codebooks "
-                         f"{tuple(codebooks.shape)}")
-    if not isinstance(L, int) or L < 1:
-        raise ValueError(f"L must be a positive int, got {L!r}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale!r}")
     Nk = codes.shape[2]
