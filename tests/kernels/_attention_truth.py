@@ -5,29 +5,15 @@ Accuracy rule: error vs fp64 <= 2x that of the same dense math in the input dtyp
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 
+from tests.helpers import kernels_mode  # noqa: E402
 import spt_compile.lowering  # noqa: F401  registers the ops
 
 OP = torch.ops.spt.pq_sparse_attention.default
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 ULP = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
-
-
-@contextlib.contextmanager
-def kernels_mode(mode: str):
-    old = os.environ.get("SPT_KERNELS")
-    os.environ["SPT_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPT_KERNELS", None)
-        else:
-            os.environ["SPT_KERNELS"] = old
 
 
 def make_problem(b, h, hkv, nq, nk, d, dv, dtype, kind, seed=0, contiguous=True):

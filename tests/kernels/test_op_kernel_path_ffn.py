@@ -11,31 +11,18 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest sets it too)
 
 import collections  # noqa: E402
-import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tests.helpers import kernels_mode  # noqa: E402
 import spt_compile.lowering  # noqa: E402,F401  registers the ops
 from spt_compile.kernels import grouped_gemm as K  # noqa: E402
 
 OP = torch.ops.spt.routed_ffn
 BASE = ("w1", "b1", "w_up", "b_up", "w2", "b2")
 KERNELS = ("_up_kernel", "_down_kernel", "_pair_sum_kernel", "_dhidden_kernel", "_dw_in_kernel", "_dw_out_kernel")
-
-
-@contextlib.contextmanager
-def kernels_mode(mode: str):
-    old = os.environ.get("SPT_KERNELS")
-    os.environ["SPT_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPT_KERNELS", None)
-        else:
-            os.environ["SPT_KERNELS"] = old
 
 
 class _Counted:
