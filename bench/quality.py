@@ -7,9 +7,11 @@ fine-tuning, held-out retrieval accuracy, and the training-free embedding cosine
 embeddings of the held-out sequences). Every spt model is evaluated as compiled (sparse), as a user would run it;
 the dense row is evaluated dense. Targets: gap <= 2% at (0.5, 0.5), <= 5% at (0.25, 0.25).
 
-    python bench/quality.py [--steps 40] [--seq 128] [--batch 8] [--improve '{"ffn_blocks": 64}']
---improve adds rows at the (0.5, 0.5) and (0.25, 0.25) densities with the given extra spt options, to show a
-change's before/after. Writes bench/results/quality-<machine>.md and .png.
+    python bench/quality.py [--steps 40] [--seq 128] [--batch 8] [--improve '{"ffn_blocks": 64}'] [--name quality]
+--improve adds rows with the given extra spt options at the grid's densities that have a target ((0.5, 0.5),
+(0.25, 0.25)), to show a change's before/after; e.g. `--grid 0.25,0.25 --improve ... --name quality-improve`
+measures one before/after pair without overwriting the full grid's file. Writes
+bench/results/<name>-<machine>.md and .png.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def render(results, args, data) -> str:
             f"- held-out loss: symmetric in-batch InfoNCE (scale {D.SCALE:g}) over fixed held-out batches of "
             f"{args.batch} pairs; gap = spt after / dense after - 1 (lower loss is better); retrieval: each first "
             f"half against all held-out second halves\n"
-            f"- evaluation: each spt row as compiled (sparse), the dense row dense\n"
+            f"- evaluation: each spt row as compiled (sparse), the dense row dense; spt options besides the "
+            f"densities: {args.options} (the rest at their defaults)\n"
             f"- training-free cosine: mean cosine between the spt and dense embeddings of the held-out sequences "
             f"with the pretrained weights\n"
             f"- {load_note() or 'load unknown'} (wall times only; the figures above do not depend on load)\n")
@@ -105,11 +108,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", default=None, help="subset of the grid, e.g. '0.5,0.5;0.25,0.25'")
-    ap.add_argument("--improve", default=None, help="JSON of extra spt options for added (0.5,0.5)/(0.25,0.25) rows")
+    ap.add_argument("--improve", default=None,
+                    help="JSON of extra spt options for added rows at the grid's target densities")
+    ap.add_argument("--options", default="{}",
+                    help='JSON of spt options for every spt row besides the densities, e.g. \'{"inner_backend": '
+                         '"aot_eager"}\' (the same rewritten graph and sparse ops without inductor\'s code '
+                         'generation: minutes less compile per row on a small CPU)')
+    ap.add_argument("--name", default="quality", help="result file bench/results/<name>-<machine>.md (and .png)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     grid = GRID if args.grid is None else [tuple(float(x) for x in c.split(",")) for c in args.grid.split(";")]
     extra = json.loads(args.improve) if args.improve else None
+    base = json.loads(args.options)
     quiet_transformers()
     torch.manual_seed(args.seed)
     tok, encoder = D.load_minilm()
@@ -119,10 +129,11 @@ def main(argv=None) -> int:
     print(f"machine: {machine_name()}", flush=True)
 
     configs = [("dense (inductor)", "inductor", None)]
-    configs += [(f"spt ({a}, {f})", "spt", {"attention_density": a, "ffn_density": f}) for a, f in grid]
+    configs += [(f"spt ({a}, {f})", "spt", {**base, "attention_density": a, "ffn_density": f}) for a, f in grid]
     if extra:
-        configs += [(f"spt ({a}, {f}) + {json.dumps(extra)}", "spt", {"attention_density": a, "ffn_density": f, **extra})
-                    for a, f in ((0.5, 0.5), (0.25, 0.25))]
+        configs += [(f"spt ({a}, {f}) + {json.dumps(extra)}", "spt",
+                     {**base, "attention_density": a, "ffn_density": f, **extra})
+                    for a, f in grid if (a, f) in TARGETS]
     results, ref = [], None
     for label, backend, opts in configs:
         print(f"{label}: {args.steps} steps ...", flush=True)
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
         if left:
             body += f"- partial: {left} configuration(s) still running or not run\n"
         if not args.no_write:  # after every configuration: a long run that is cut short keeps what it measured
-            path = write_result("quality", body)
+            path = write_result(args.name, body)
             plot(results, path[:-3] + ".png")
     print(body)
     if not args.no_write:

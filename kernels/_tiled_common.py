@@ -93,3 +93,34 @@ def list_lengths(idx: torch.Tensor) -> torch.Tensor:
     """[B, H, nT] int32: valid slots per tile (lists are valid-first), the kernels' loop bound, so short
     (early causal, padded) tiles cost only their own keys."""
     return (idx >= 0).sum(-1, dtype=torch.int32).contiguous()
+
+
+def serves_head_dims(d: int, dv: int) -> bool:
+    """Whether the tiled kernels serve q/k head dim d and v head dim dv: the op asks this before it dispatches
+    (it runs the plain-PyTorch tile path otherwise); the launchers only assert it (check_tile_args)."""
+    return max(d, dv) <= MAX_HEAD_DIM
+
+
+def tiled_site_shapes(op: str, a: dict) -> dict | None:
+    """Sizes a traced spt.pq_sparse_attention site in query-tile mode launches the tiled kernels with, from the
+    op's arguments as graph_snapshot records them (tensors as {"shape", "dtype", "device"}): b, h, hkv, nq, nk,
+    d, dv, tile, dtype, exact. None when these kernels do not serve the site: another op, per-query mode
+    (query_tile 0), symbolic sizes, a dtype without kernels, head dims the op sends to the plain path."""
+    from spt_compile.kernels._triton_utils import TRITON_TYPE
+    from spt_compile.lowering.formulas import attention_tile_is_exact
+    tile = int(a.get("query_tile") or 0)
+    if not op.startswith("spt.pq_sparse_attention") or tile < 1:
+        return None
+    if not all(isinstance(a.get(t), dict) for t in ("q", "k", "v")):
+        return None
+    shapes = [a[t]["shape"] for t in ("q", "k", "v")]
+    if not all(s and all(isinstance(x, int) for x in s) for s in shapes):
+        return None  # symbolic sizes: the keys are unknown until run time
+    (b, h, nq, d), (_, hkv, nk, _), dv = shapes[0], shapes[1], shapes[2][3]
+    dtype = getattr(torch, str(a["q"]["dtype"]), None)
+    if dtype not in TRITON_TYPE or not serves_head_dims(d, dv):
+        return None
+    exact = attention_tile_is_exact(nq, nk, float(a.get("density", 1.0)), int(a.get("min_keys") or 64),
+                                    bool(a.get("is_causal")), int(a.get("min_seq_len") or 0))
+    return {"b": b, "h": h, "hkv": hkv, "nq": nq, "nk": nk, "d": d, "dv": dv, "tile": tile, "dtype": dtype,
+            "exact": exact}

@@ -1,10 +1,9 @@
 """Query-tile sparse attention backward: dQ per tile, dK/dV per key block through a deterministic transposed index.
 
-tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed)
-    -> (dq, dk, dv, None)
-is lowering/reference/tiled_attention.tiled_attention_backward with mask_grad=False (a trainable mask's gradient
-stays with the reference backward, as for the per-query op). With P_ij = exp(s_ij - m_i) / l_i over query i's
-kept allowed keys, Z_ij the replayed dropout scale, dP_ij = Z_ij dout_i.v_j, delta_i = sum_j P_ij dP_ij,
+tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed, mask_grad)
+    -> (dq, dk, dv, dmask or None)
+is lowering/reference/tiled_attention.tiled_attention_backward (dmask for a trainable mask: kernel 3).
+With P_ij = exp(s_ij - m_i) / l_i over query i's kept allowed keys, Z_ij the replayed dropout scale, dP_ij = Z_ij dout_i.v_j, delta_i = sum_j P_ij dP_ij,
 dS_ij = P_ij (dP_ij - delta_i):
     dq_i = scale sum_j dS_ij k_j,   dk_j = scale sum_i dS_ij q_i,   dv_j = sum_i P_ij Z_ij dout_i.
 
@@ -24,6 +23,9 @@ dS_ij = P_ij (dP_ij - delta_i):
    Work per visit is BLOCK_N x rows even when the list kept fewer of the block's keys: the cost grows with
    how scattered the kept keys are (1/fill of the visited blocks); fp32 atomics from the dq kernel would do
    only the kept pairs but in a racy order. Which wins is a GPU measurement (issue 9: deterministic first).
+3. `_ds_kernel` (grid as the dq kernel; only with mask_grad): one more pass over the tile's list with kernel 1's
+   (m_i, 1/l_i) and delta_i writes dS [B, H, Nq, L] fp32 by slot (the same dropout replay), which torch puts
+   onto the keys and sums to the mask's broadcast shape (mask_gradient, the plain backward's reduction).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
-from spt_compile.kernels._tiled_common import Limits, dot_precision, list_lengths, tdot, tile_key
+from spt_compile.kernels._tiled_common import (Limits, dot_precision, list_lengths, tdot, tile_key,
+                                               tiled_site_shapes)
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import seed_tensor
 from spt_compile.kernels.attention_tiled_fwd import (aot_constexprs, check_tiled_args, dropout_scale, load_rows,
@@ -40,6 +43,7 @@ from spt_compile.kernels.attention_tiled_fwd import (aot_constexprs, check_tiled
 
 KERNEL_DQ = "attention_tiled_bwd_dq"
 KERNEL_DKV = "attention_tiled_bwd_dkv"
+KERNEL_DS = "attention_tiled_bwd_ds"
 
 
 @triton.jit
@@ -114,6 +118,48 @@ def _dq_kernel(
     tl.store(delta_ptr + row, delta, mask=r_ok)
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=r_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _ds_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, lens_ptr, bias_ptr, seed_ptr, dout_ptr, stats_ptr, delta_ptr, ds_ptr,
+    H, Hkv, Nq, Nk, T, NT, L, D, DV, scale, dropout_p,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # grid as _dq_kernel, whose (m_i, 1/l_i) and delta_i it reads; writes dS [B, H, Nq, L] fp32 in slot order
+    # (slots past the tile's list stay as the launcher zeroed them): the mask gradient, d out / d bias_ij = dS_ij
+    t, bh, b, h, hk, rows, row_hi, r_ok = tile_program(H, Hkv, Nq, T, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, rows, r_ok, offs_d, D, stride_qn, stride_qd)  # [BM, BD]
+    do = load_rows(dout_ptr + b * stride_ob + h * stride_oh, rows, r_ok, offs_dv, DV, stride_on, stride_od)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    bias_base = bias_ptr + b * stride_mb + h * stride_mh
+    idx_row = idx_ptr + (bh * NT + t) * L
+    lens_t = tl.load(lens_ptr + bh * NT + t)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    row = bh * Nq + rows.to(tl.int64)
+    m_row = tl.load(stats_ptr + row * 2, mask=r_ok, other=0.0)
+    inv_l = tl.load(stats_ptr + row * 2 + 1, mask=r_ok, other=0.0)
+    delta = tl.load(delta_ptr + row, mask=r_ok, other=0.0)
+    for l0 in range(0, lens_t, BLOCK_N):
+        s, ok, jj, j_ok, kt = tile_logits(q, k_base, bias_base, idx_row, lens_t, l0, rows, row_hi, Nk, scale,
+                                          stride_kn, stride_kd, stride_mi, stride_mj, offs_d, D,
+                                          HAS_MASK, IS_CAUSAL, PREC, BLOCK_N)
+        dp, vt = _dp_tile(do, v_base, jj, j_ok, offs_dv, DV, stride_vn, stride_vd, PREC)
+        slots = l0 + tl.arange(0, BLOCK_N)
+        if DROPOUT:
+            dp = dp * dropout_scale(seed, bh, rows, slots, Nq, L, dropout_p)
+        ds = tl.exp(s - m_row[:, None]) * inv_l[:, None] * (dp - delta[:, None])  # 0 where not ok
+        tl.store(ds_ptr + row[:, None] * L + slots[None, :], ds, mask=r_ok[:, None] & (slots < lens_t)[None, :])
 
 
 @triton.jit
@@ -221,8 +267,25 @@ DKV = Limits([
     (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 32),
     (_C(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=16), 128, 128),
 ])
-autotune.register_candidates(KERNEL_DQ, DQ.configs, fits=DQ.fits)
-autotune.register_candidates(KERNEL_DKV, DKV.configs, fits=DKV.fits)
+
+
+def _site_key(rows: str):
+    """site_key hook (inspection report) of the kernel whose launch walks `rows`: "q" (B*H*Nq) or "kv"
+    (B*Hkv*Nk); the backward of a traced forward site has its q, k, v."""
+    def key(op: str, a: dict) -> tuple | None:
+        s = tiled_site_shapes(op, a)
+        if s is None:
+            return None
+        n = s["b"] * s["h"] * s["nq"] if rows == "q" else s["b"] * s["hkv"] * s["nk"]
+        return tile_key(block_d(s["d"]), block_d(s["dv"]), dtype_name(s["dtype"]), s["tile"], n)
+    return key
+
+
+autotune.register_candidates(KERNEL_DQ, DQ.configs, fits=DQ.fits, site_key=_site_key("q"))
+# the dS kernel holds the dq kernel's live tiles minus its [BM, BD] accumulator: the dq configs and limits serve it.
+# No site key: it runs only when the mask requires grad, which a traced site's arguments do not record.
+autotune.register_candidates(KERNEL_DS, DQ.configs, fits=DQ.fits)
+autotune.register_candidates(KERNEL_DKV, DKV.configs, fits=DKV.fits, site_key=_site_key("kv"))
 
 
 def _sig_common() -> dict:
@@ -241,6 +304,12 @@ def _sig_dq(dt: str) -> dict:
             "delta_ptr": "*fp32", "dq_ptr": f"*{dt}", **_sig_common()}
 
 
+def _sig_ds(dt: str) -> dict:
+    return {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "idx_ptr": "*i32", "lens_ptr": "*i32",
+            "bias_ptr": "*fp32", "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "stats_ptr": "*fp32",
+            "delta_ptr": "*fp32", "ds_ptr": "*fp32", **_sig_common()}
+
+
 def _sig_dkv(dt: str) -> dict:
     return {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "idx_ptr": "*i32", "bias_ptr": "*fp32",
             "seed_ptr": "*i64", "dout_ptr": f"*{dt}", "stats_ptr": "*fp32", "delta_ptr": "*fp32",
@@ -249,6 +318,7 @@ def _sig_dkv(dt: str) -> dict:
 
 
 aot.register_aot(aot.AotSpec(KERNEL_DQ, _dq_kernel, _sig_dq, aot_constexprs(DQ)))
+aot.register_aot(aot.AotSpec(KERNEL_DS, _ds_kernel, _sig_ds, aot_constexprs(DQ)))
 aot.register_aot(aot.AotSpec(KERNEL_DKV, _dkv_kernel, _sig_dkv, aot_constexprs(DKV)))
 
 
@@ -279,11 +349,12 @@ def transposed_tiles(idx: torch.Tensor, H: int, Hkv: int, Nk: int, block_n: int)
 
 def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, tile, dropout_p, seed,
                              mask_grad=False):
-    """(dq, dk, dv, None) in the dtypes of q, k, v (see the module doc): the reference stage's signature and
-    return shape; mask_grad=True is refused (the op runs the reference backward for a trainable mask)."""
-    if mask_grad:
-        raise ValueError("mask_grad: the tiled kernels compute no mask gradient; a trainable mask runs the "
-                         "reference backward (lowering/reference/tiled_attention.py)")
+    """(dq, dk, dv, dmask) in the dtypes of q, k, v (see the module doc): the reference stage's signature and
+    return shape. dmask is None unless mask_grad (a floating mask that requires grad): then d out / d mask in
+    mask.shape and mask.dtype, dS at the kept allowed keys (0 elsewhere) summed to the mask's broadcast shape,
+    from the dS kernel (which replays the same dropout mask as the forward)."""
+    if mask_grad and (mask is None or not mask.dtype.is_floating_point):
+        raise ValueError("mask_grad needs a floating (additive) mask")
     nt = check_tiled_args(q, k, v, idx, tile, scale, dropout_p, seed)
     b, h, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[3]
@@ -294,7 +365,8 @@ def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scal
     if tuple(lse.shape) != (b, h, nq):
         raise ValueError(f"lse must be [B, H, Nq] = {[b, h, nq]}, got {tuple(lse.shape)}")
     if b * h * nq == 0 or nk == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+        dmask = torch.zeros_like(mask) if mask_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
     bias, ms = mask_as_bias(mask, (b, h, nq, nk))
     idx = idx.to(torch.int32).contiguous()
     lens = list_lengths(idx)
@@ -327,4 +399,31 @@ def tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scal
             q, k, v, idx, bias_t, seed_t, dout, stats, delta, visit, vslot, voff, dk, dv, *common,
             **flags, **cfg.kwargs())
     run_dkv(autotune.get_config(KERNEL_DKV, tile_key(BD, BDV, dt, tile, b * hkv * nk), bench=run_dkv))
-    return dq, dk, dv, None
+    if not mask_grad:
+        return dq, dk, dv, None
+    ds = torch.zeros((b, h, nq, L), dtype=torch.float32, device=q.device)  # slots past a list stay 0
+
+    def run_ds(cfg):  # rewrites every listed slot's dS: safe to time per candidate
+        _ds_kernel[(nt * triton.cdiv(tile, cfg["BLOCK_M"]), b * h)](
+            q, k, v, idx, lens, bias_t, seed_t, dout, stats, delta, ds, *common, **flags, **cfg.kwargs())
+    run_ds(autotune.get_config(KERNEL_DS, tile_key(BD, BDV, dt, tile, b * h * nq), bench=run_ds))
+    return dq, dk, dv, mask_gradient(ds, idx, mask, tile, nk)
+
+
+def mask_gradient(ds, idx, mask, tile, nk):
+    """dmask [mask.shape] mask.dtype from dS [B, H, Nq, L] in slot order: per chunk of tiles, dS goes onto its
+    keys [B, H, rows, Nk] and is summed to the mask's broadcast shape, with the plain tile backward's own
+    helpers (one reduction, one place). Transient O(chunk * T * Nk), bounded by the reference's chunking."""
+    from spt_compile.lowering.reference.pq_attention import _add_mask_grad
+    from spt_compile.lowering.reference.tiled_attention import _ds_on_keys, tile_chunk
+    b, h, nq, L = ds.shape
+    nt = idx.shape[2]
+    dmask = torch.zeros(mask.shape, dtype=torch.float32, device=ds.device)
+    step = tile_chunk(nt, b * h * tile * (nk + L))
+    for t0 in range(0, nt, step):
+        t1 = min(nt, t0 + step)
+        i0, i1 = t0 * tile, min(nq, t1 * tile)
+        ds_c = torch.nn.functional.pad(ds[:, :, i0:i1], (0, 0, 0, (t1 - t0) * tile - (i1 - i0)))  # short last tile
+        keys = _ds_on_keys(ds_c.reshape(b, h, t1 - t0, tile, L), idx[:, :, t0:t1], nk, i1 - i0)  # [B, H, rows, Nk]
+        _add_mask_grad(dmask, keys, i0, i1)
+    return dmask.to(mask.dtype)

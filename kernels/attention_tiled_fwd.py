@@ -23,7 +23,7 @@ import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._tiled_common import (MAX_HEAD_DIM, Limits, check_tile_args, dot_precision, list_lengths,
-                                               tdot, tile_key)
+                                               tdot, tile_key, tiled_site_shapes)
 from spt_compile.kernels._triton_utils import block_d, dtype_name, mask_as_bias
 from spt_compile.kernels.attention_fwd import check_attention_args, seed_tensor
 
@@ -144,7 +144,17 @@ LIMITS = Limits([
     (_C(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32), 128, 64),
     (_C(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=32), 128, 128),
 ])
-autotune.register_candidates(KERNEL, LIMITS.configs, fits=LIMITS.fits)
+
+
+def _site_key(op: str, a: dict) -> tuple | None:
+    """The key this kernel launches with for a traced query-tile site (inspection report); exact mode too."""
+    s = tiled_site_shapes(op, a)
+    if s is None:
+        return None
+    return tile_key(block_d(s["d"]), block_d(s["dv"]), dtype_name(s["dtype"]), s["tile"], s["b"] * s["h"] * s["nq"])
+
+
+autotune.register_candidates(KERNEL, LIMITS.configs, fits=LIMITS.fits, site_key=_site_key)
 
 
 def _aot_signature(dt: str) -> dict:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
-from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, tile_key
+from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, tile_key, tiled_site_shapes
 from spt_compile.kernels._triton_utils import block_d, check_pq_selection_args, mask_as_bias
 from spt_compile.lowering.formulas import attention_tile_keys
 
@@ -236,9 +236,26 @@ MASS = Limits([
 # 4 x 128 put 8 B on the stack (sm_90)
 TOPL = [_C(num_warps=4, num_stages=1, BLOCK_T=8, BLOCK_N=64)]
 
-autotune.register_candidates(KERNEL_STATS, STATS.configs, fits=STATS.fits)
-autotune.register_candidates(KERNEL_MASS, MASS.configs, fits=MASS.fits)
-autotune.register_candidates(KERNEL_TOPL, TOPL)
+
+
+def _site_key_score(op: str, a: dict) -> tuple | None:
+    """The key the stats and mass kernels launch with for a traced site (inspection report); None when the
+    site runs exact (no selection) or the tiled kernels do not serve it."""
+    s = tiled_site_shapes(op, a)
+    if s is None or s["exact"]:
+        return None
+    bd = block_d(s["d"])
+    return tile_key(bd, bd, "fp32", s["tile"], s["b"] * s["h"] * s["nq"])
+
+
+def _site_key_topl(op: str, a: dict) -> tuple | None:
+    s = tiled_site_shapes(op, a)
+    return None if s is None or s["exact"] else ()
+
+
+autotune.register_candidates(KERNEL_STATS, STATS.configs, fits=STATS.fits, site_key=_site_key_score)
+autotune.register_candidates(KERNEL_MASS, MASS.configs, fits=MASS.fits, site_key=_site_key_score)
+autotune.register_candidates(KERNEL_TOPL, TOPL, site_key=_site_key_topl)
 
 
 def _sig_score(dt: str) -> dict:
@@ -322,27 +339,32 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
         _stats_kernel[(b * h, triton.cdiv(nq, cfg["BLOCK_M"]))](
             q, codebooks, codes, bias_t, stats, *common, float(scale), pad_thr, *q.stride(), *ms,
             **flags, **cfg.kwargs())
-    # the mass kernel accumulates into its counts, so it is tuned through a whole stage (autotune.tune_stage)
     run_stats(autotune.get_config(KERNEL_STATS, key, bench=run_stats))
     # the chunk is the mass kernel's grid dim 1: at most 65535 on CUDA
     step = chunk if chunk is not None else max(1, min(nt, 65535, _CHUNK_ELEMS // max(1, b * h * nk)))
     if not 1 <= step <= 65535:
         raise ValueError(f"chunk must be in [1, 65535], got {chunk}")
-    cfg_m = autotune.get_config(KERNEL_MASS, key)
-    cfg_t = autotune.get_config(KERNEL_TOPL, ())
     for t0 in range(0, nt, step):
         c = min(step, nt - t0)
         mass = torch.empty((b, h, c, nk), dtype=torch.float32, device=q.device)
-        counts = torch.zeros((b, h, c, 2), dtype=torch.int32, device=q.device)
-        _mass_kernel[(b * h, c, triton.cdiv(nk, cfg_m["BLOCK_N"]))](
-            q, codebooks, codes, bias_t, stats, mass, counts, *common, tile, t0, c, float(scale), pad_thr,
-            *q.stride(), *ms, **flags, **cfg_m.kwargs())
+        counts = torch.empty((b, h, c, 2), dtype=torch.int32, device=q.device)
+
+        def run_mass(cfg, c=c, t0=t0, mass=mass, counts=counts):
+            counts.zero_()  # atomic sums: zeroed per run, so every timed candidate starts clean
+            _mass_kernel[(b * h, c, triton.cdiv(nk, cfg["BLOCK_N"]))](
+                q, codebooks, codes, bias_t, stats, mass, counts, *common, tile, t0, c, float(scale), pad_thr,
+                *q.stride(), *ms, **flags, **cfg.kwargs())
+        run_mass(autotune.get_config(KERNEL_MASS, key, bench=run_mass))  # tuned on the first chunk, then memo
         union, sizing = counts[..., 0], counts[..., 1]
         l_tile = torch.minimum(attention_tile_keys(sizing, float(density), min_keys), union)
         l_tile = l_tile.clamp(max=min(L, nk)).to(torch.int32).contiguous()   # [B, H, c]
-        out = torch.full((b, h, c, L), -1, dtype=torch.int32, device=q.device)
+        out = torch.empty((b, h, c, L), dtype=torch.int32, device=q.device)
         rows = b * h * c
-        _topl_kernel[(triton.cdiv(rows, cfg_t["BLOCK_T"]),)](
-            mass, l_tile, out, rows, nk, L, NPASS=NPASS, RADIX=1 << RADIX_BITS, **cfg_t.kwargs())
+
+        def run_topl(cfg, mass=mass, l_tile=l_tile, out=out, rows=rows):
+            out.fill_(-1)  # the compaction writes only the kept slots
+            _topl_kernel[(triton.cdiv(rows, cfg["BLOCK_T"]),)](
+                mass, l_tile, out, rows, nk, L, NPASS=NPASS, RADIX=1 << RADIX_BITS, **cfg.kwargs())
+        run_topl(autotune.get_config(KERNEL_TOPL, (), bench=run_topl))
         idx[:, :, t0:t0 + c] = out
     return idx

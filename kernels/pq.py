@@ -78,8 +78,9 @@ def _fits(cfg: autotune.KernelConfig, key: tuple) -> bool:
 
 def _site_key(op: str, a: dict) -> tuple | None:
     """The key pq_assign launches with for a traced attention site (inspection report); None in exact mode."""
+    from spt_compile.kernels._tiled_common import tiled_site_shapes
     from spt_compile.kernels.attention_fwd import site_shapes
-    s = site_shapes(op, a)
+    s = site_shapes(op, a) or tiled_site_shapes(op, a)  # per-query or query-tile site: the same PQ
     if s is None or s["exact"]:
         return None
     return (s["d"] // int(a["pq_subspaces"]), int(a["pq_centroids"]), dtype_name(s["dtype"]),

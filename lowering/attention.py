@@ -5,7 +5,10 @@ The forward and its backward are two custom ops (`spt::pq_sparse_attention`,
 graphs (a Python backward would be traced op by op, and the reference's torch.Generator is not traceable).
 Dispatch happens inside the op bodies: CUDA tensors (fp16/bf16/fp32) run the Triton stages from
 spt_compile.kernels (imported lazily, so CPU users never need a working Triton backend); everything else,
-and fp64 everywhere, runs the plain-PyTorch reference in lowering/reference/pq_attention.py.
+and fp64 everywhere, runs the plain-PyTorch reference in lowering/reference/pq_attention.py. Query-tile mode
+(query_tile > 0) dispatches the same way between the tile kernels (kernels/attention_tiled_*.py) and the
+plain-PyTorch tile stages (lowering/attention_tiled.py, lowering/reference/tiled_attention.py), with a
+deliberate fallback to the latter where the kernels have limits (_tiled_kernels).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.lowering.formulas import attention_is_exact, attention_num_tiles, attention_tile_slots
+from spt_compile.lowering.formulas import (attention_is_exact, attention_num_tiles, attention_tile_is_exact,
+                                          attention_tile_slots)
 from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -150,16 +154,42 @@ def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
 pq_sparse_attention_op.__doc__ = _DOC
 
 
+def _tiled_kernels(q: Tensor, v: Tensor) -> bool:
+    """Whether a query-tile call runs the Triton tile kernels (kernels/attention_tiled_*.py). The op decides
+    here, the launchers only assert their limits: where use_kernels(q) holds but a kernel limit does not (head
+    dims > kernels._tiled_common.MAX_HEAD_DIM, which their configs do not serve), the call runs the
+    plain-PyTorch tile path instead, a deliberate fallback with the same semantics. The backward op asks the
+    same question on the same q and v, so a call's forward and backward run the same path: each path draws
+    and replays its own dropout mask (docs/OPS.md), so the two must never be mixed within one call."""
+    if not _use_kernels(q):
+        return False
+    from spt_compile.kernels._tiled_common import serves_head_dims
+    return serves_head_dims(q.shape[3], v.shape[3])
+
+
 def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p,
                    seed, min_seq_len, tile, min_keys):
-    """Query-tile mode (docs/OPS.md "query tiles"): plain-PyTorch stages on every device, CUDA included
-    (there are no Triton kernels for tiles yet)."""
+    """Query-tile mode (docs/OPS.md "query tiles"): PQ + tile selection + attention, in the Triton tile kernels
+    where _tiled_kernels says so, else in the plain-PyTorch stages."""
     from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
     from spt_compile.lowering.reference import tiled_attention as ta
-    idx = tiled_select(q, k, mask, is_causal, scale, density, tile, min_keys, pq_subspaces, pq_centroids,
-                       kmeans_iters, min_seq_len)  # [B, H, ceil(Nq/T), L_max]
+    nq, nk = q.shape[2], k.shape[2]
+    kernels = _tiled_kernels(q, v)
+    if kernels and not attention_tile_is_exact(nq, nk, density, min_keys, is_causal, min_seq_len):
+        from spt_compile.kernels.attention_tiled_select import select_tiles
+        from spt_compile.kernels.pq import pq_quantize
+        codebooks, codes = pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
+        idx = select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys,
+                           attention_tile_slots(nq, nk, density, min_keys, is_causal))
+    else:  # the plain selection, or exact mode's key lists (plain torch on every device, no PQ, as per query)
+        idx = tiled_select(q, k, mask, is_causal, scale, density, tile, min_keys, pq_subspaces, pq_centroids,
+                           kmeans_iters, min_seq_len)  # [B, H, ceil(Nq/T), L_max]
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
-    out, lse = ta.tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
+    if kernels:
+        from spt_compile.kernels.attention_tiled_fwd import tiled_attention_forward
+    else:
+        tiled_attention_forward = ta.tiled_attention_forward
+    out, lse = tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
     return out.contiguous(), idx.contiguous(), lse.contiguous()
 
 
@@ -196,13 +226,8 @@ def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
     dmask is d out / d mask when mask_grad (mask.shape, mask.dtype), else an empty [0] tensor."""
     _check_mask_grad(mask, mask_grad)
     if query_tile:
-        from spt_compile.lowering.attention_tiled import rebuild_exact
-        from spt_compile.lowering.reference import tiled_attention as ta
-        run_idx = rebuild_exact(idx, q, k, mask, is_causal, query_tile, min_seq_len)
-        dq, dk, dv, dmask = ta.tiled_attention_backward(dout.contiguous(), q, k, v, out, lse, run_idx, mask,
-                                                        is_causal, scale, query_tile, dropout_p, seed, mask_grad)
-        dmask = dmask.contiguous() if mask_grad else q.new_empty((0,))
-        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
+        return _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad,
+                               min_seq_len, query_tile)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     if nk < min_seq_len:  # the forward ran exact and returned an all -1 idx: rebuild the full key list
@@ -217,6 +242,25 @@ def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
         sparse_attention_backward = ref.sparse_attention_backward
     dq, dk, dv = sparse_attention_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), q.new_empty((0,))
+
+
+def _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad, min_seq_len,
+                    tile):
+    """The query-tile backward, on the path its forward took (_tiled_kernels): the Triton tile backward (dQ per
+    tile, dK/dV through the deterministic key -> tiles index, dS for a trainable mask), replaying the kernel
+    forward's dropout mask; or the plain-PyTorch stage, replaying the plain forward's."""
+    from spt_compile.lowering.attention_tiled import rebuild_exact
+    from spt_compile.lowering.reference import tiled_attention as ta
+    run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
+    if _tiled_kernels(q, v):
+        from spt_compile.kernels.attention_tiled_bwd import tiled_attention_backward
+        stage = tiled_attention_backward  # takes dout's strides
+    else:
+        stage, dout = ta.tiled_attention_backward, dout.contiguous()
+    dq, dk, dv, dmask = stage(dout, q, k, v, out, lse, run_idx, mask, is_causal, scale, tile, dropout_p, seed,
+                              mask_grad)
+    dmask = dmask.contiguous() if mask_grad else q.new_empty((0,))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
 
 
 @pq_sparse_attention_backward_op.register_fake

@@ -1,6 +1,6 @@
 """The query-tile mode of torch.ops.spt.pq_sparse_attention (query_tile = T > 0; docs/OPS.md "query tiles"):
-the key lists the op body runs on (PQ + tile selection, or the exact lists), in plain PyTorch on every device.
-The attention stages are lowering/reference/tiled_attention.py (no Triton kernels for tiles yet).
+the key lists the op body runs on (PQ + tile selection, or the exact lists) on the plain-PyTorch path.
+The fast stages are lowering/attention_tiled_cpu.py; lowering/reference/tiled_attention.py is the semantics.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from spt_compile.lowering import attention_tiled_cpu as fast
 from spt_compile.lowering.formulas import attention_tile_is_exact, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
@@ -27,7 +28,7 @@ def tiled_select(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, 
         idx = ta.tile_allowed_indices(mask, is_causal, (b, h, nq, nk), tile, full, q.device)
         return idx if full == L else torch.full((b, h, idx.shape[2], L), -1, dtype=torch.int32, device=q.device)
     codebooks, codes = ref.pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
-    return ta.select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L)
+    return fast.select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L)
 
 
 def rebuild_exact(idx: Tensor, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, tile: int,

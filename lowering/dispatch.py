@@ -10,6 +10,10 @@ Environment switch `SPT_KERNELS` (read on every call, so a test or a debugging s
              Without it the first call raises a RuntimeError naming both variables.
   reference  the reference everywhere, CUDA included (A/B debugging of a kernel on the device).
 fp64 always runs the reference: it is the ground-truth mode the tests compare against.
+use_kernels() says whether kernels may run; an op still runs its reference for a call its kernels do not serve,
+a deliberate, documented and tested fallback decided in the op (the launchers only assert their limits): the
+per-query attention backward for a trainable mask, the query-tile attention for head dims > 128
+(lowering/attention.py).
 """
 from __future__ import annotations
 

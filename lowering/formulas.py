@@ -33,18 +33,19 @@ def attention_tile_keys(allowed_tile: int, density: float, min_keys: int) -> int
     if isinstance(allowed_tile, torch.Tensor):
         want = torch.ceil(density * allowed_tile.to(torch.float64)).to(allowed_tile.dtype).clamp(min=min_keys)
         return torch.minimum(allowed_tile, want)
-    return min(allowed_tile, max(min_keys, math.ceil(density * allowed_tile)))
+    # sym_min / sym_max: a symbolic length stays symbolic (Python's min / max would guard on it and recompile)
+    return torch.sym_min(allowed_tile, torch.sym_max(min_keys, math.ceil(density * allowed_tile)))
 
 
 def attention_tile_visible(nq: int, nk: int, is_causal: bool) -> int:
     """Most keys a query tile can see from shapes alone: Nk, or min(Nk, Nq) under top-left causality."""
-    return min(nk, nq) if is_causal else nk
+    return torch.sym_min(nk, nq) if is_causal else nk
 
 
 def attention_tile_slots(nq: int, nk: int, density: float, min_keys: int, is_causal: bool) -> int:
     """L_max: slots of the tiled idx [B, H, ceil(Nq / T), L_max], from shapes only (the fake impl stays static).
     L_tile grows with allowed_tile, and no tile can see more than attention_tile_visible keys."""
-    return max(1, attention_tile_keys(attention_tile_visible(nq, nk, is_causal), density, min_keys))
+    return torch.sym_max(1, attention_tile_keys(attention_tile_visible(nq, nk, is_causal), density, min_keys))
 
 
 def attention_tile_is_exact(nq: int, nk: int, density: float, min_keys: int, is_causal: bool,

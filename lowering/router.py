@@ -16,8 +16,9 @@ exactly, read from the current A and B on every call; the periodic refresh re-fi
 
 The factors are computed from the current weights on a site's first call and recomputed every
 `router_refresh` calls (training moves the weights; the op is opaque to inductor, so no recompile is needed).
-They live in a small LRU cache keyed by (site_id, device, dtype, weight storage pointer, shape): the call
+They live in a small LRU cache keyed by (site_id, device, dtype, weight storage, shape): the call
 counter is a Python int, so the hot path never syncs with the device.
+Under torch.distributed the refresh's C is averaged over the ranks (lowering/router_sync.py): ranks route alike.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import dataclasses
 import torch
 
 from spt_compile.kernels.cpu_tunables import router_chunk
+from spt_compile.lowering import router_sync as _sync
 from spt_compile.lowering.reference.routed_ffn import NO_LORA, Lora, activation_forward
 
 ROUTERS = ("lowrank", "oracle")
@@ -56,9 +58,8 @@ def router_cache_entries(site_id: int) -> list[_Factors]:
 
 
 def input_second_moment(x2d: torch.Tensor, max_tokens: int = 4096) -> torch.Tensor:
-    """C = E[x xᵀ] [d, d] float64 over (the first max_tokens of) the tokens of this call."""
-    xs = x2d[:max_tokens].detach().to(torch.float64)
-    return xs.t() @ xs / max(1, xs.shape[0])
+    """C = E[x xᵀ] [d, d] float64 over (the first max_tokens of) the tokens of this call, this rank only."""
+    return _sync.second_moment(x2d, max_tokens, sync=False)
 
 
 def lowrank_factors(w: torch.Tensor, rank: int, c: torch.Tensor | None = None
@@ -95,9 +96,13 @@ def lowrank_factors(w: torch.Tensor, rank: int, c: torch.Tensor | None = None
 
 
 def _storage_key(w):
+    # the storage object (StorageImpl address), not its data pointer: FSDP2 frees and re-allocates an unsharded
+    # parameter's memory in place (storage resize_) around every forward, so the data pointer changes per call
+    # and may repeat on one rank only; keyed on it, the ranks would refresh on different calls (a collective
+    # mismatch under router_sync) and refresh on every call
     if w is None:
         return None
-    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+    return (w.untyped_storage()._cdata, w.storage_offset(), tuple(w.shape), tuple(w.stride()))
 
 
 def _key(site_id, w1, w_up, block_perm):
@@ -106,21 +111,30 @@ def _key(site_id, w1, w_up, block_perm):
     return (site_id, w1.device, w1.dtype, _storage_key(w1), _storage_key(w_up), _storage_key(block_perm))
 
 
+def _fit(w1, w_up, block_perm, rank, x2d, data_aware, sync, refreshes) -> _Factors:
+    # sync: average C over the ranks of the process group (router_sync.py), so that every rank routes alike;
+    # the tag lets the ranks check that they are refreshing the same kind of site
+    tag = (w1.shape[0], rank, refreshes)
+    c = _sync.second_moment(x2d, sync=sync, tag=tag) if data_aware else None
+    a, v = lowrank_factors(w1, rank, c)
+    a_up = v_up = None
+    if w_up is not None:
+        a_up, v_up = lowrank_factors(w_up, rank, c)
+        a_up = a_up.index_select(0, block_perm)
+    return _Factors(v=v, a=a.index_select(0, block_perm), v_up=v_up, a_up=a_up, refreshes=refreshes)
+
+
 def _get_factors(site_id, w1, w_up, block_perm, rank, refresh, x2d, data_aware) -> _Factors:
     key = _key(site_id, w1, w_up, block_perm)
     f = _CACHE.get(key)
+    if _sync.is_local():
+        # a call on some ranks only: it must not move the shared refresh schedule (nor start a collective)
+        return f if f is not None else _fit(w1, w_up, block_perm, rank, x2d, data_aware, False, 0)
     if f is not None and f.calls >= refresh:
         f = None  # due: recompute from the current weights
     if f is None:
         old = _CACHE.pop(key, None)
-        c = input_second_moment(x2d) if data_aware else None
-        a, v = lowrank_factors(w1, rank, c)
-        a_up = v_up = None
-        if w_up is not None:
-            a_up, v_up = lowrank_factors(w_up, rank, c)
-            a_up = a_up.index_select(0, block_perm)
-        f = _Factors(v=v, a=a.index_select(0, block_perm), v_up=v_up, a_up=a_up,
-                     refreshes=(old.refreshes if old is not None else 0) + 1)
+        f = _fit(w1, w_up, block_perm, rank, x2d, data_aware, True, (old.refreshes if old is not None else 0) + 1)
         _CACHE[key] = f
         while len(_CACHE) > _MAX_ENTRIES:
             _CACHE.popitem(last=False)

@@ -9,12 +9,27 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+# The default query tile T (issue #9): the ONE place it lives. Everything else (the docs string below, the plan,
+# the tests) reads it from here, so the final default is a one-line change. Provisional: the lead sets it from the
+# CPU speed / MiniLM quality measurements (bench/attention_tiles.py).
+DEFAULT_ATTENTION_QUERY_TILE = 64
+DEFAULT_ATTENTION_MIN_KEYS = 64
+
 _ROUTERS = ("lowrank", "oracle")
 _INNER_BACKENDS = ("inductor", "aot_eager")
 
 OPTION_DOCS = {
     "attention": '"pq" (default): rewrite attention into PQ-sparse attention; "dense": leave attention alone',
-    "attention_density": "fraction of the keys each query keeps, in (0, 1]; 1.0 is exact mode (default 0.25)",
+    "attention_density": "fraction of the keys kept, in (0, 1]: with attention_query_tile T >= 1 of the keys a query "
+                         "tile may see (L_tile = min(allowed, max(attention_min_keys, ceil(density * allowed)))), "
+                         "with T = 0 of all Nk keys per query (L = ceil(density * Nk)); 1.0 is exact mode (default 0.25)",
+    "attention_query_tile": "T: tiles of T consecutive queries share one PQ-selected key list (their summed estimated "
+                            "softmax mass); 1 = per-query selection with the tile formula for L; 0 = the per-query op "
+                            "of before (fixed L = ceil(density * Nk), attention_min_keys unused), an integer >= 0 "
+                            f"(default {DEFAULT_ATTENTION_QUERY_TILE})",
+    "attention_min_keys": "L_min: no query tile keeps fewer keys than this (unless it may see fewer), so early causal "
+                          "tiles do not starve; only with attention_query_tile >= 1; min_seq_len still decides "
+                          f"whether a site is sparse at all, an integer >= 1 (default {DEFAULT_ATTENTION_MIN_KEYS})",
     "pq_subspaces": "PQ sub-spaces per head (M); must divide the head dim, else the largest divisor <= M is used and reported (default 8)",
     "pq_centroids": "k-means centroids per sub-space (C), 2..256 (default 16)",
     "pq_kmeans_iters": "Lloyd iterations when fitting the key codebooks, 0..20 (default 3)",
@@ -35,6 +50,8 @@ OPTION_DOCS = {
 class SptOptions:
     attention: str = "pq"
     attention_density: float = 0.25
+    attention_query_tile: int = DEFAULT_ATTENTION_QUERY_TILE
+    attention_min_keys: int = DEFAULT_ATTENTION_MIN_KEYS
     pq_subspaces: int = 8
     pq_centroids: int = 16
     pq_kmeans_iters: int = 3
@@ -51,6 +68,9 @@ class SptOptions:
     def __post_init__(self) -> None:
         _check_choice("attention", self.attention, ("pq", "dense"))
         _check_fraction("attention_density", self.attention_density)
+        _check_int("attention_query_tile", self.attention_query_tile, 0, None,
+                   "(queries per tile sharing one key list; 0 = per-query op with L = ceil(density * Nk))")
+        _check_int("attention_min_keys", self.attention_min_keys, 1, None)
         _check_int("pq_subspaces", self.pq_subspaces, 1, 1024)
         _check_int("pq_centroids", self.pq_centroids, 2, 256)
         _check_int("pq_kmeans_iters", self.pq_kmeans_iters, 0, 20)
@@ -95,7 +115,8 @@ def _check_fraction(key: str, value: Any) -> None:
         raise ValueError(f"spt option {key!r} must be a number in (0, 1], got {value!r}")
 
 
-def _check_int(key: str, value: Any, lo: int, hi: int | None) -> None:
+def _check_int(key: str, value: Any, lo: int, hi: int | None, meaning: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"spt option {key!r} must be an integer {rng}, got {value!r}")
+        raise ValueError(f"spt option {key!r} must be an integer {rng}{' ' + meaning if meaning else ''}, "
+                         f"got {value!r}")

@@ -5,7 +5,12 @@ from the options, the site's traced shapes and the sizing formulas of lowering/f
 consumes the Plan; the report renders it (`Plan.display()`); nothing reads a decision back from a display dict.
 
 A symbolic key count (Dynamo's dynamic shapes) is never decided from its hint: the op takes `min_seq_len` and
-decides exact vs sparse per call, and L = attention_keys_kept(Nk, density) is computed by the op at run time.
+decides exact vs sparse per call, and L (per query, or L_max per query tile) is computed by the op at run time.
+
+Attention selection (option attention_query_tile = T, docs/OPS.md "query tiles"): T = 0 is the per-query op
+(L = attention_keys_kept(Nk, density) slots per query); T >= 1 tiles T consecutive queries under one key list of
+L_tile = attention_tile_keys(allowed_tile, density, L_min) keys, in an idx of L = attention_tile_slots(...) slots
+(T = 1: per-query selection with the tile formula).
 """
 from __future__ import annotations
 
@@ -26,8 +31,11 @@ EXACT, SPARSE, RUNTIME = "exact", "sparse", "runtime"  # RUNTIME: the op decides
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
     density: float
-    L: int | None           # key slots per query; None when Nk is symbolic (the op computes it per call)
-    T: int                  # queries per tile sharing one key list (1: per-query selection)
+    L: int | None           # idx slots: per query (T = 0), or L_max per tile (T >= 1); None when symbolic
+    T: int                  # queries per tile sharing one key list (0: the per-query op; 1: tiles of one query)
+    L_min: int              # floor of a tile's key list (the op's min_keys; unused when T = 0)
+    is_causal: bool         # the op's is_causal (sizes the tiles' lists: L_max <= min(Nk, Nq) when causal)
+    L_first: int | None     # T >= 1: the first tile's list length from shapes (< L under causality), else None
     M: int                  # PQ sub-spaces
     C: int                  # PQ centroids per sub-space
     kmeans_iters: int
@@ -39,12 +47,28 @@ class AttentionPlan:
     notes: tuple[str, ...] = ()
 
     def display(self) -> dict[str, Any]:
-        out = {"density": self.density, "L": self.L if self.L is not None else f"ceil({self.density}*Nk)",
-               "T": self.T, "M": self.M, "C": self.C, "kv_heads": self.kv_heads, "dropout": self.dropout,
-               "mode": self.mode}
+        out = {"density": self.density, "L": self._slots_text(), "T": self.T}
+        if self.T:
+            out.update(L_min=self.L_min, L_tile=self.tile_keys_text())
+        out.update(M=self.M, C=self.C, kv_heads=self.kv_heads, dropout=self.dropout, mode=self.mode)
         if self.mode == RUNTIME:
             out["min_seq_len"] = self.min_seq_len
         return out
+
+    def _slots_text(self) -> int | str:
+        if self.L is not None:
+            return self.L
+        if not self.T:
+            return f"ceil({self.density}*Nk)"
+        visible = "min(Nk,Nq)" if self.is_causal else "Nk"
+        return f"min({visible}, max({self.L_min}, ceil({self.density}*{visible})))"
+
+    def tile_keys_text(self) -> int | str:
+        """The tiles' key-list lengths from shapes (no padding mask): one number when every tile sees the same
+        keys, else "first..last" (causal: tile t sees min(Nk, (t+1)*T) keys)."""
+        if self.L is None or self.L_first is None:
+            return "per call"
+        return self.L if self.L_first == self.L else f"{self.L_first}..{self.L}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,20 +123,36 @@ def plan_attention(m, options: SptOptions) -> AttentionPlan | str:
     if subspaces != options.pq_subspaces:
         notes.append(f"pq_subspaces {options.pq_subspaces} -> {subspaces} (head dim {head_dim})")
     scale = m.scale if m.scale is not None else head_dim ** -0.5
-    common = dict(density=options.attention_density, T=1, M=subspaces, C=options.pq_centroids,
+    tile = options.attention_query_tile
+    common = dict(density=options.attention_density, T=tile, L_min=options.attention_min_keys,
+                  is_causal=bool(m.is_causal), M=subspaces, C=options.pq_centroids,
                   kmeans_iters=options.pq_kmeans_iters, kv_heads=kv_heads, dropout=float(m.dropout_p),
                   scale=float(scale), notes=tuple(notes))
-    if n_keys is None:  # symbolic: never decide from the hint
+    n_queries = _static(q.shape[-2])
+    if n_keys is None or (tile and n_queries is None):  # symbolic: never decide from the hint
         if options.min_seq_len > 0 and not op_takes_min_seq_len():
             return (f"symbolic key count and min_seq_len={options.min_seq_len}: this build's op cannot apply the "
                     f"threshold at run time (set min_seq_len=0 to rewrite)")
-        exact = options.attention_density >= 1.0  # L = ceil(1.0 * Nk) = Nk for every Nk
-        return AttentionPlan(L=None, mode=EXACT if exact else RUNTIME, min_seq_len=options.min_seq_len, **common)
+        # density 1.0 covers every key for every length: L = Nk (T = 0), L_tile = allowed_tile (T >= 1)
+        exact = options.attention_density >= 1.0
+        return AttentionPlan(L=None, L_first=None, mode=EXACT if exact else RUNTIME,
+                             min_seq_len=options.min_seq_len, **common)
     if n_keys < options.min_seq_len:
         return f"{n_keys} keys < min_seq_len={options.min_seq_len}"
-    keep = formulas.attention_keys_kept(n_keys, options.attention_density)
-    mode = EXACT if formulas.attention_is_exact(n_keys, options.attention_density) else SPARSE
-    return AttentionPlan(L=keep, mode=mode, min_seq_len=0, **common)
+    slots, first, exact = _attention_sizes(n_queries, n_keys, options, bool(m.is_causal))
+    return AttentionPlan(L=slots, L_first=first, mode=EXACT if exact else SPARSE, min_seq_len=0, **common)
+
+
+def _attention_sizes(nq: int | None, nk: int, options: SptOptions, causal: bool) -> tuple[int, int | None, bool]:
+    """(idx slots L or L_max, the first tile's list length or None, exact mode) from lowering/formulas.py."""
+    density, tile, floor = options.attention_density, options.attention_query_tile, options.attention_min_keys
+    if not tile:
+        return formulas.attention_keys_kept(nk, density), None, formulas.attention_is_exact(nk, density)
+    slots = formulas.attention_tile_slots(nq, nk, density, floor, causal)
+    # the first tile's queries see the fewest keys (under causality); every tile sees them all otherwise
+    first_visible = formulas.attention_tile_visible(min(tile, nq), nk, causal)
+    first = max(1, formulas.attention_tile_keys(first_visible, density, floor))
+    return slots, first, formulas.attention_tile_is_exact(nq, nk, density, floor, causal)
 
 
 # --- ffn --------------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ attention (per site; s = bytes per element of q, B batch, H query heads, Hkv kv 
     dense eager:  P = softmax(S)          B·H·Nq·Nk·s            (+ dropout: its bool mask and the dropped P)
     dense sdpa:   out + lse (flash-style) B·H·Nq·Dv·s + 4·B·H·Nq
     spt:          out + lse + idx         B·H·Nq·Dv·s + 4·B·H·Nq + 4·B·H·⌈Nq/T⌉·L   (+ 8-byte seed with dropout)
+                  (T = 0, the per-query op: ⌈Nq/T⌉ reads Nq and L = ⌈density·Nk⌉; T ≥ 1: L = L_max)
 - FLOPs of the attention math, forward + backward (S = QKᵀ and P·V forward, 4 GEMMs backward: 3x forward):
     dense: 6·B·H·Nq·Nk·(D + Dv);  spt: the same at the kept pairs, 6·B·H·pairs·(D + Dv), where
-    pairs = Nq·L (bidirectional, or T > 1), Nq·L − L(L−1)/2 (causal, T = 1: query i keeps min(i+1, L) keys).
+    T = 0:  pairs = Nq·L (bidirectional), Nq·L − L(L−1)/2 (causal: query i keeps min(i+1, L) keys);
+    T ≥ 1:  pairs = Nq·L_max (bidirectional: every tile sees Nk keys), P (causal) = Σ over tiles t of
+            rows_t · L_tile(min(Nk, end_t)) with L_tile from lowering/formulas.py: the (query, slot) pairs the
+            tiled op computes (exact for T = 1; for T > 1 it includes the tile's diagonal block).
 - spt overhead FLOPs (no dense counterpart): PQ k-means and codes 2·B·Hkv·Nk·C·D·(iters+1), query lookup
   tables 2·B·H·Nq·C·D, code scores B·H·Nq·Nk·M, and the backward's score recompute 2·B·H·pairs·D.
   Exact mode (every key kept) has no PQ.
@@ -36,6 +40,7 @@ import sympy as sp
 
 # attention symbols
 B, H, HKV, NQ, NK, D, DV, L, TQ, S = sp.symbols("B H H_kv N_q N_k D D_v L T s", positive=True, integer=True)
+PAIRS = sp.Symbol("P", positive=True, integer=True)     # causal query tiles: Σ_t rows_t·L_tile (tile_pairs)
 C, M, ITERS = sp.symbols("C M iters", positive=True, integer=True)
 N = sp.Symbol("N", positive=True, integer=True)          # the sequence length when Nq == Nk (self-attention)
 # ffn symbols
@@ -84,12 +89,14 @@ class AttentionSizes:
     head_dim: int
     v_dim: int
     elem_bytes: int
-    keys_kept: int                 # L (per query, or per query tile)
+    keys_kept: int                 # L: per query (T = 0), or L_max, the idx slots per query tile (T >= 1)
     exact: bool
     is_causal: bool = False
     dropout: bool = False
     spelling: str = "eager"        # the dense spelling: "eager" saves P, "sdpa" saves out + lse
-    query_tile: int = 1            # T: queries sharing one key list (1 = per-query selection)
+    query_tile: int = 0            # T: queries sharing one key list (0 = the per-query op, docs/OPS.md)
+    min_keys: int = 64             # L_min of the tile formula (T >= 1 only)
+    density: float | None = None   # needed for causal tiles only (their lists differ: tile_pairs)
     subspaces: int = 8
     centroids: int = 16
     kmeans_iters: int = 3
@@ -98,23 +105,42 @@ class AttentionSizes:
 def _kept_pairs(z: AttentionSizes, nq, nk):
     if z.exact:  # every allowed key
         return nq * (nq + 1) / 2 if z.is_causal and z.nq == z.nk else nq * nk
-    if z.is_causal and z.query_tile == 1:
+    if z.is_causal and z.query_tile:
+        return PAIRS                       # tile lists grow with the keys a tile may see (tile_pairs)
+    if z.is_causal:
         return nq * L - L * (L - 1) / 2    # query i keeps min(i + 1, L) keys
     return nq * L                          # an upper bound when a mask hides keys
+
+
+def tile_pairs(nq: int, nk: int, tile: int, density: float, min_keys: int, causal: bool) -> int:
+    """Σ over query tiles of (its queries) x L_tile: the (query, slot) pairs the tiled op computes per head.
+    Tile t holds queries [t*T, min((t+1)*T, Nq)); under top-left causality it may see min(Nk, its end) keys."""
+    from spt_compile.lowering import formulas
+
+    total = 0
+    for start in range(0, nq, tile):
+        end = min(start + tile, nq)
+        allowed = min(nk, end) if causal else nk
+        total += (end - start) * formulas.attention_tile_keys(allowed, density, min_keys)
+    return total
 
 
 def attention_estimates(z: AttentionSizes) -> list[Estimate]:
     self_attn = z.nq == z.nk
     nq, nk = (N, N) if self_attn else (NQ, NK)
     values = {B: z.batch, H: z.heads, HKV: z.kv_heads, D: z.head_dim, DV: z.v_dim, S: z.elem_bytes,
-              L: z.keys_kept, TQ: z.query_tile, C: z.centroids, M: z.subspaces, ITERS: z.kmeans_iters}
+              L: z.keys_kept, TQ: max(1, z.query_tile), C: z.centroids, M: z.subspaces, ITERS: z.kmeans_iters}
+    if z.query_tile and z.is_causal and not z.exact:
+        if z.density is None:
+            raise ValueError("AttentionSizes.density is required for causal query tiles (T >= 1)")
+        values[PAIRS] = tile_pairs(z.nq, z.nk, z.query_tile, z.density, z.min_keys, True)
     values.update({N: z.nq} if self_attn else {NQ: z.nq, NK: z.nk})
     out_lse = B * H * nq * DV * S + FP32 * B * H * nq
     if z.spelling == "sdpa":
         dense_bytes = out_lse
     else:
         dense_bytes = B * H * nq * nk * S * (2 if z.dropout else 1) + (B * H * nq * nk if z.dropout else 0)
-    tiles = nq if z.query_tile == 1 else sp.ceiling(nq / TQ)
+    tiles = nq if z.query_tile <= 1 else sp.ceiling(nq / TQ)
     spt_bytes = out_lse + INT32 * B * H * tiles * L + (INT64 if z.dropout else 0)
     pairs = _kept_pairs(z, nq, nk)
     dense_pairs = nq * nk
@@ -174,37 +200,36 @@ def ffn_estimates(z: FfnSizes) -> list[Estimate]:
 # --- from the rewritten graph -----------------------------------------------------------------------------
 
 def attention_sizes_from_op(op: dict[str, Any], plan: dict[str, Any], spelling: str) -> AttentionSizes:
-    """AttentionSizes from the recorded arguments of a pq_sparse_attention call (graph_picture.op_arguments)."""
-    from spt_compile.lowering import formulas
-
+    """AttentionSizes from the recorded arguments of a pq_sparse_attention call (graph_picture.op_arguments):
+    the graph says what will run, so T and L_min come from the op's query_tile / min_keys arguments."""
     q, k, v = op["q"], op["k"], op["v"]   # {"shape": [...], "dtype": ..., "itemsize": ...}
     batch, heads, nq, head_dim = q["shape"]
     nk = k["shape"][2]
-    density = float(op["density"])
     if not all(isinstance(x, int) for x in (*q["shape"], *k["shape"], *v["shape"])):
         raise ValueError(f"symbolic sizes without a hint: q{q['shape']} k{k['shape']}")
-    planned = plan.get("L_max", plan.get("L"))
-    # a symbolic length: the plan says "ceil(density*Nk)" and the op sizes L per call; evaluate at the trace
-    keys = planned if isinstance(planned, int) else formulas.attention_keys_kept(nk, density)
-    try:
-        exact = formulas.attention_is_exact(nk, density, int(op.get("min_seq_len", 0)))
-    except TypeError:  # an older formulas.py without the run-time threshold
-        exact = formulas.attention_is_exact(nk, density)
+    tile, min_keys = int(op.get("query_tile", 0)), int(op.get("min_keys", 64))
+    keys, exact = _keys_and_exact(op, plan, nq, nk, tile, min_keys)
     return AttentionSizes(
         batch=batch, heads=heads, kv_heads=k["shape"][1], nq=nq, nk=nk, head_dim=head_dim, v_dim=v["shape"][3],
         elem_bytes=q["itemsize"], keys_kept=keys, exact=exact, is_causal=bool(op["is_causal"]),
         dropout=float(op.get("dropout_p", 0.0)) > 0, spelling="sdpa" if spelling == "sdpa" else "eager",
-        query_tile=_query_tile(op, plan), subspaces=int(op["pq_subspaces"]),
+        query_tile=tile, min_keys=min_keys, density=float(op["density"]), subspaces=int(op["pq_subspaces"]),
         centroids=int(op["pq_centroids"]), kmeans_iters=int(op["kmeans_iters"]))
 
 
-def _query_tile(op: dict[str, Any], plan: dict[str, Any]) -> int:
-    """T from the op's arguments (whatever the tile argument is called), else the plan, else 1."""
-    for name, value in op.items():
-        if "tile" in name and isinstance(value, int):
-            return max(1, value)
-    tile = plan.get("T", 1)
-    return tile if isinstance(tile, int) and tile > 0 else 1
+def _keys_and_exact(op: dict[str, Any], plan: dict[str, Any], nq: int, nk: int, tile: int,
+                    min_keys: int) -> tuple[int, bool]:
+    """(idx slots L, exact mode) by lowering/formulas.py: per query for T = 0, L_max per tile for T >= 1."""
+    from spt_compile.lowering import formulas
+
+    density, causal, threshold = float(op["density"]), bool(op["is_causal"]), int(op.get("min_seq_len", 0))
+    if tile:
+        return (formulas.attention_tile_slots(nq, nk, density, min_keys, causal),
+                formulas.attention_tile_is_exact(nq, nk, density, min_keys, causal, threshold))
+    planned = plan.get("L")
+    # a symbolic length: the plan says "ceil(density*Nk)" and the op sizes L per call; evaluate at the trace
+    keys = planned if isinstance(planned, int) else formulas.attention_keys_kept(nk, density)
+    return keys, formulas.attention_is_exact(nk, density, threshold)
 
 
 def ffn_sizes_from_op(op: dict[str, Any]) -> FfnSizes:

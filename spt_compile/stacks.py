@@ -75,16 +75,23 @@ def synthetic_loss(out) -> torch.Tensor:
 class TrainStep:
     """One fwd + bwd + AdamW step of `fn` (the compiled model) over `model`'s trainable parameters."""
 
-    def __init__(self, fn, model: torch.nn.Module, lr: float = 1e-4):
+    def __init__(self, fn, model: torch.nn.Module, lr: float = 1e-4, autocast: torch.dtype | None = None):
         self.fn = fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.autocast = autocast  # e.g. torch.bfloat16: mixed precision, fp32 weights and optimizer state
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return synthetic_loss(self.fn(input_ids=ids))
+        with torch.autocast(ids.device.type, dtype=self.autocast):
+            return synthetic_loss(self.fn(input_ids=ids))
 
     def fwd_bwd(self, ids: torch.Tensor) -> None:
-        synthetic_loss(self.fn(input_ids=ids)).backward()
+        self.loss(ids).backward()
 
     def __call__(self, ids: torch.Tensor) -> float:
-        loss = synthetic_loss(self.fn(input_ids=ids))
+        loss = self.loss(ids)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

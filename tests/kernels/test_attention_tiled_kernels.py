@@ -346,8 +346,8 @@ def test_attention_bad_args():
     with pytest.raises(ValueError, match="lse"):
         kbwd.tiled_attention_backward(out, q, k, v, out, lse[0], idx, None, False, 1.0, 16, 0.0, None)
     with pytest.raises(ValueError, match="mask_grad"):
-        kbwd.tiled_attention_backward(out, q, k, v, out, lse, idx, torch.zeros(1, 1, 20, 6), False, 1.0, 16, 0.0,
-                                      None, True)
+        kbwd.tiled_attention_backward(out, q, k, v, out, lse, idx, torch.ones(1, 1, 20, 6, dtype=torch.bool), False,
+                                      1.0, 16, 0.0, None, True)  # a bool mask has no gradient
     with pytest.raises(ValueError, match="head dim"):
         f(torch.randn(1, 2, 20, 256), torch.randn(1, 1, 6, 256), torch.randn(1, 1, 6, 16), idx, None, False, 1.0,
           16, 0.0, None)

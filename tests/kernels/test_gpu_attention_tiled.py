@@ -1,7 +1,9 @@
 """@pytest.mark.gpu: the query-tile attention kernels (kernels/attention_tiled_*.py: tile selection, forward,
 backward) against their plain-PyTorch reference (lowering/reference/tiled_attention.py) and an fp64 truth on CUDA,
 in fp32 / bf16 / fp16. Skipped without CUDA (reason given); SPT_GPU_TESTS_ON_CPU=1 runs it on CPU (_gpu.py).
-The stage tests of these kernels under the interpreter are test_attention_tiled_kernels.py (their owner's)."""
+The stage tests of these kernels under the interpreter are test_attention_tiled_kernels.py (their owner's); the
+op-level tests at the end run torch.ops.spt.pq_sparse_attention (query_tile > 0) itself on the device, as
+test_op_kernel_path_attention_tiled.py does under the interpreter."""
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
 from tests.kernels._attention_truth import (FLOOR, ULP, allowed_dense, check_vs_truth, dense_grads, make_problem,
                                             max_err)
-from tests.kernels._gpu import DEVICE, GPU, kernel_path, size  # noqa: F401  (kernel_path is a fixture)
+from tests.kernels._gpu import DEVICE, GPU, MODE, kernel_path, size  # noqa: F401  (kernel_path is a fixture)
 
 pytestmark = GPU
 TILE = 16
@@ -75,3 +77,73 @@ def test_tiled_select_vs_reference(dtype, kernel_path):
     # PQ mass ties (and tf32 dots on the GPU) may swap boundary keys: most kept keys agree
     agree = (keep & tile_keep(ridx, N, N)).sum().item() / max(1, keep.sum().item())
     assert agree > 0.9, agree
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the dispatched op (torch.ops.spt.pq_sparse_attention with query_tile > 0) on DEVICE: the op -> launcher wiring
+# of lowering/attention.py on CUDA, checked like test_op_kernel_path_attention_tiled.py does under the interpreter
+# ------------------------------------------------------------------------------------------------------------
+
+OP_CASES = [(torch.bfloat16, "causal", 0.25), (torch.float32, "pad_finfo_min", 0.25), (torch.bfloat16, "bias", 1.0)]
+
+
+def _op_problem(dtype, kind, seed):
+    from tests.kernels.test_op_kernel_path_attention_tiled import make
+    B, H, Hkv, N, D = 1, 4, 2, size(1024, 40), 64
+    return make(B, H, Hkv, N, N, D, D, dtype, kind, seed=seed, full_row=kind != "bias")
+
+
+@pytest.mark.parametrize("dtype,kind,density", OP_CASES, ids=[f"{str(d)[6:]}-{k}-{p}" for d, k, p in OP_CASES])
+def test_op_tile_kernel_path_vs_plain_and_fp64(dtype, kind, density, kernel_path, monkeypatch):
+    from spt_compile.kernels import attention_tiled_bwd as kbwd
+    from spt_compile.kernels import attention_tiled_fwd as kfwd
+    from tests.kernels.test_op_kernel_path_attention_tiled import check, run_op
+    calls = {"fwd": 0, "bwd": 0, "plain": 0}
+
+    def count(mod, name, key):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, **kw: (calls.__setitem__(key, calls[key] + 1), orig(*a, **kw))[1])
+    count(kfwd, "tiled_attention_forward", "fwd")
+    count(kbwd, "tiled_attention_backward", "bwd")
+    count(ta, "tiled_attention_forward", "plain")
+    tile = size(64, 16)
+    q, k, v, mask, causal, dout = _op_problem(dtype, kind, seed=21)
+    res = run_op(*dev(q, k, v, mask), causal, dev(dout)[0], density, MODE, tile)
+    assert calls == {"fwd": 1, "bwd": 1, "plain": 0}  # the tile kernels ran, no silent fallback
+    res = tuple(t.cpu() for t in res)
+    nq, nk = q.shape[2], k.shape[2]
+    assert res[1].shape == (1, 4, attention_num_tiles(nq, tile), attention_tile_slots(nq, nk, density, 4, causal))
+    if density == 1.0:  # exact: every allowed key of the tile
+        idx = ta.tile_allowed_indices(mask, causal, (1, 4, nq, nk), tile, res[1].shape[3], torch.device("cpu"))
+        assert torch.equal(res[1], idx)
+    check(res, q, k, v, mask, causal, dout, tile, dtype)
+
+
+def test_op_tile_head_dim_over_the_limit_runs_the_plain_path_on_device(kernel_path, monkeypatch):
+    from spt_compile.kernels import attention_tiled_fwd as kfwd
+    from spt_compile.kernels._tiled_common import MAX_HEAD_DIM
+    from tests.kernels.test_op_kernel_path_attention_tiled import make, run_op
+    monkeypatch.setattr(kfwd, "tiled_attention_forward", lambda *a, **kw: pytest.fail("kernel called past its limit"))
+    q, k, v, mask, causal, dout = make(1, 2, 1, 24, 24, 2 * MAX_HEAD_DIM, 16, torch.bfloat16, "causal", seed=2)
+    res = run_op(*dev(q, k, v, mask), causal, dev(dout)[0], 0.5, MODE, 8, min_keys=2)
+    plain = run_op(q, k, v, mask, causal, dout, 0.5, "reference", 8, min_keys=2)
+    assert torch.equal((res[1].cpu() >= 0).sum(-1), (plain[1] >= 0).sum(-1))
+    assert res[0].device.type == kernel_path and res[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_op_tile_trainable_mask_gradient_on_device(dtype, kernel_path):
+    """mask_grad on the device's kernel path: dmask from the tile backward's dS kernel vs fp64."""
+    from tests.kernels.test_op_kernel_path_attention_tiled import check, mask_grad_truth, run_op
+    from tests.kernels._tiled_truth import tile_kept
+    q, k, v, mask, causal, dout = _op_problem(dtype, "bias", seed=23)
+    tile = size(64, 16)
+    res = run_op(*dev(q, k, v, mask), causal, dev(dout)[0], 0.25, MODE, tile, mask_grad=True)
+    res = tuple(t.cpu() for t in res)
+    check(res[:6], q, k, v, mask, causal, dout, tile, dtype)
+    b, h, nq, nk = 1, 4, q.shape[2], k.shape[2]
+    keep = tile_kept(res[1], tile, nq, nk) & allowed_dense(mask, causal, (b, h, nq, nk))
+    want = mask_grad_truth(q, k, v, mask, keep, dout)
+    got = torch.where(torch.isfinite(mask), res[6].double(), 0.0)
+    assert res[6].shape == mask.shape and res[6].dtype == dtype
+    assert max_err(got, want) <= 8 * ULP[dtype] * want.abs().max().item() + 4 * FLOOR[dtype]

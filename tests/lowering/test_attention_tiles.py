@@ -1,4 +1,5 @@
-"""Query-tile sparse attention (lowering/reference/tiled_attention.py) against fp64 ground truths.
+"""Query-tile sparse attention against fp64 ground truths: the reference (lowering/reference/tiled_attention.py)
+and the fast CPU path (lowering/attention_tiled_cpu.py) pass the same tests (the `impl` parameter).
 
 - attention over a tiled idx: forward and every gradient (q, k, v, a trainable mask) equal autograd through a
   dense fp64 formulation in which query i sees exactly its tile's kept keys that it may attend to; dropout is
@@ -16,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from spt_compile.lowering import attention_tiled_cpu as fast
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
@@ -23,6 +25,7 @@ from spt_compile.lowering.reference import tiled_attention as ta
 TILES = (1, 5, 16, 64)
 MASKS = ("none", "causal", "bool", "pad_inf", "pad_finfo_min", "bias", "bias_causal")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+IMPLS = {"reference": ta, "cpu": fast}
 
 
 def build_mask(kind, b, h, nq, nk, dtype, g, full_row):
@@ -106,19 +109,19 @@ def setup(c, dtype=torch.float64):
     return q, k, v, dout, mask, causal, trainable
 
 
-def select(q, k, mask, causal, c, scale):
+def select(q, k, mask, causal, c, scale, impl=ta):
     L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
     if c["density"] >= 1.0:
         return ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"], L, q.device)
     cb, codes = ref.pq_quantize(k.float(), 4, 4, 1)
-    return ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+    return impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
 
 
-def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None):
-    out, lse = ta.tiled_attention_forward(q, k, v, idx, mask, causal, scale, c["tile"], c["dropout"], seed_t,
-                                          chunk=chunk)
-    dq, dk, dv, dm = ta.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, c["tile"],
-                                                 c["dropout"], seed_t, trainable, chunk=chunk)
+def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None, impl=ta):
+    out, lse = impl.tiled_attention_forward(q, k, v, idx, mask, causal, scale, c["tile"], c["dropout"], seed_t,
+                                            chunk=chunk)
+    dq, dk, dv, dm = impl.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, c["tile"],
+                                                   c["dropout"], seed_t, trainable, chunk=chunk)
     return [out, dq, dk, dv] + ([dm] if trainable else []), lse
 
 
@@ -130,39 +133,43 @@ def run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=40, **SETTINGS)
-@given(cases())
-def test_tiled_attention_equals_dense_formulation_fp64(c):
+@given(c=cases())
+def test_tiled_attention_equals_dense_formulation_fp64(impl, c):
+    impl = IMPLS[impl]
     q, k, v, dout, mask, causal, trainable = setup(c)
     scale = 1 / math.sqrt(c["d"])
-    idx = select(q, k, mask, causal, c, scale)
+    idx = select(q, k, mask, causal, c, scale, impl)
     assert idx.shape == (c["b"], c["h"], attention_num_tiles(c["nq"], c["tile"]),
                          attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal))
     seed_t = torch.tensor(c["seed"]) if c["dropout"] > 0 else None
     keep = ref.dropout_keep((c["b"], c["h"], c["nq"], idx.shape[-1]), c["dropout"], seed_t, q.device) \
         if c["dropout"] > 0 else None
-    got, lse = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t)
+    got, lse = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, impl=impl)
     want = run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep)
     for name, a, t in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
         assert a.shape == t.shape and a.dtype == t.dtype, name
         assert (a - t).abs().max().item() <= 1e-10 * max(1.0, t.abs().max().item()), name
     # chunking over tiles changes nothing (one tile per chunk vs the default)
-    got1, _ = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=1)
+    got1, _ = run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=1, impl=impl)
     for a, a1 in zip(got, got1):
         assert torch.allclose(a, a1, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=30, **SETTINGS)
-@given(cases(), st.sampled_from([torch.float32, torch.bfloat16]))
-def test_tiled_attention_low_precision_is_as_accurate_as_dense(c, dtype):
+@given(c=cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_tiled_attention_low_precision_is_as_accurate_as_dense(impl, c, dtype):
     """In fp32 / bf16 the tiled path may be at most 2x as far from the fp64 truth as the dense formulation
     computed in the same dtype (plus a few-ulp floor)."""
+    impl = IMPLS[impl]
     c = {**c, "dropout": 0.0}
     q, k, v, dout, mask, causal, trainable = setup(c, dtype)
     scale = 1 / math.sqrt(c["d"])
     idx = select(q, k, mask, causal, c, scale)
     lo = [t.to(dtype) for t in (q, k, v, dout)]
-    got, _ = run_tiled(*lo, mask, trainable, causal, scale, idx, c, None)
+    got, _ = run_tiled(*lo, mask, trainable, causal, scale, idx, c, None, impl=impl)
     base = run_dense(*lo, mask, trainable, causal, scale, idx, c, None)
     truth = run_dense(q, k, v, dout, None if mask is None else (mask if mask.dtype == torch.bool else mask.double()),
                       trainable, causal, scale, idx, c, None)
@@ -172,16 +179,24 @@ def test_tiled_attention_low_precision_is_as_accurate_as_dense(c, dtype):
         assert err <= 2 * berr + 8 * torch.finfo(dtype).eps * max(1.0, t.abs().max().item()), (name, err, berr)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=40, **SETTINGS)
-@given(cases())
-def test_tile_selection_contract(c):
+@given(c=cases())
+def test_tile_selection_contract(impl, c):
+    """impl "cpu" scores in fp32 here (bf16 scoring is bounded as lost mass in test_attention_tiled_cpu.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast, "BF16_SCORING", False)
+        _check_selection_contract(IMPLS[impl], c)
+
+
+def _check_selection_contract(impl, c):
     q, k, _, _, mask, causal, _ = setup(c, torch.float32)
     q, k = q.float(), k.float()
     scale = 1 / math.sqrt(c["d"])
     c = {**c, "density": min(c["density"], 0.5)}
     cb, codes = ref.pq_quantize(k, 4, 4, 1)
     L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
-    idx = ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+    idx = impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
     b, h, nq, nk, tile = c["b"], c["h"], c["nq"], c["nk"], c["tile"]
     nt = attention_num_tiles(nq, tile)
     valid = idx >= 0

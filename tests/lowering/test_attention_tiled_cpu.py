@@ -1,0 +1,119 @@
+"""The fast CPU path of query-tile attention (lowering/attention_tiled_cpu.py), beyond the shared ground-truth
+tests in test_attention_tiles.py (which run it as impl "cpu"):
+- its selection keeps the same attention mass as the reference's (fp32 scoring: equal up to rounding ties);
+- bf16 scoring (CPUs with AMX) loses at most 0.1% of the tile's estimated mass against an fp64 top-L;
+- the scoring dtype rule.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from spt_compile.lowering import attention_tiled_cpu as fast
+from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_slots
+from spt_compile.lowering.reference import pq_attention as ref
+from spt_compile.lowering.reference import tiled_attention as ta
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def fp64_tile_mass(q, cb, codes, mask, causal, scale, tile):
+    """[B, H, nT, Nk] fp64: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile."""
+    b, h, nq, _ = q.shape
+    nk = codes.shape[2]
+    khat = ref.reconstruct_keys(cb, codes).double().repeat_interleave(h // codes.shape[1], 1)
+    s = scale * q.double() @ khat.transpose(-1, -2)
+    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    if mask is not None:
+        s = s + torch.where(torch.isfinite(mask), mask.double(), 0.0)
+        allowed = allowed & torch.isfinite(mask)
+    p = torch.softmax(s.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+    nt = attention_num_tiles(nq, tile)
+    return torch.nn.functional.pad(p, (0, 0, 0, nt * tile - nq)).reshape(b, h, nt, tile, nk).sum(3)
+
+
+def kept_mass(mass, idx):
+    """Sum of mass over each tile's kept keys. mass [B, H, nT, Nk], idx [B, H, nT, L] (-1 = empty)."""
+    got = torch.gather(mass, -1, idx.long().clamp(min=0))
+    return (got * (idx >= 0)).sum(-1)
+
+
+@st.composite
+def cases(draw):
+    tile = draw(st.sampled_from([1, 5, 16, 64]))
+    n = draw(st.integers(2, 160))
+    return dict(n=n, tile=tile, causal=draw(st.booleans()), hkv=draw(st.sampled_from([1, 2])),
+                grp=draw(st.sampled_from([1, 2])), pad=draw(st.booleans()), density=draw(st.sampled_from([0.125, 0.25])),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+def setup(c, d=32):
+    g = torch.Generator().manual_seed(c["seed"])
+    h = c["hkv"] * c["grp"]
+    q = 1.5 * torch.randn(1, h, c["n"], d, generator=g)  # logits of a few units, like trained attention
+    k = torch.randn(1, c["hkv"], c["n"], d, generator=g)
+    mask = None
+    if c["pad"]:
+        mask = torch.zeros(1, 1, 1, c["n"])
+        mask[..., c["n"] - c["n"] // 3:] = -math.inf
+    cb, codes = ref.pq_quantize(k, 8, 16, 2)
+    L = attention_tile_slots(c["n"], c["n"], c["density"], 8, c["causal"])
+    return q, cb, codes, mask, L
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cases())
+def test_fp32_selection_keeps_the_reference_mass(c):
+    q, cb, codes, mask, L = setup(c)
+    scale = q.shape[-1] ** -0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast, "BF16_SCORING", False)
+        got = fast.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
+    want = ta.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
+    assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1)), "L_tile per tile"
+    mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"])
+    a, b = kept_mass(mass, got), kept_mass(mass, want)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), (a - b).abs().max()
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cases())
+def test_bf16_scoring_loses_at_most_a_tenth_of_a_percent_of_the_mass(c):
+    """Against the exact top-L by fp64 mass: bf16 logits (8 mantissa bits) only swap near-ties at the cut."""
+    q, cb, codes, mask, L = setup(c)
+    scale = q.shape[-1] ** -0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast, "BF16_SCORING", True)
+        mp.setattr(fast, "_has_amx", lambda: True)  # bf16 scoring even on a CPU without AMX (slow, same values)
+        got = fast.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
+    mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"])
+    n_kept = (got >= 0).sum(-1, keepdim=True)  # [B, H, nT, 1]
+    best = mass.sort(-1, descending=True).values
+    best = (best * (torch.arange(best.shape[-1]) < n_kept)).sum(-1)  # the largest mass n_kept keys can hold
+    lost = (best - kept_mass(mass, got)) / best.clamp(min=1e-12)
+    assert lost.max().item() <= 1e-3, lost.max().item()
+
+
+def test_scoring_dtype_rule(monkeypatch):
+    q32, q64 = torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    assert fast.scoring_dtype(q64) == torch.float64
+    monkeypatch.setattr(fast, "_has_amx", lambda: True)
+    assert fast.scoring_dtype(q32) == torch.bfloat16
+    assert fast.scoring_dtype(q32.bfloat16()) == torch.bfloat16
+    monkeypatch.setattr(fast, "_has_amx", lambda: False)
+    assert fast.scoring_dtype(q32) == torch.float32
+    monkeypatch.setattr(fast, "_has_amx", lambda: True)
+    monkeypatch.setattr(fast, "BF16_SCORING", False)
+    assert fast.scoring_dtype(q32) == torch.float32
+
+
+def test_chunk_argument_is_checked():
+    q = torch.randn(1, 1, 8, 8)
+    cb, codes = ref.pq_quantize(q, 2, 2, 1)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        fast.select_tiles(q, cb, codes, None, False, 1.0, 4, 0.5, 1, 4, chunk=0)
