@@ -172,7 +172,6 @@ def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_ce
     """Query-tile mode (docs/OPS.md "query tiles"): PQ + tile selection + attention, in the Triton tile kernels
     where _tiled_kernels says so, else in the plain-PyTorch stages."""
     from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
-    from spt_compile.lowering.reference import tiled_attention as ta
     nq, nk = q.shape[2], k.shape[2]
     kernels = _tiled_kernels(q, v)
     if kernels and not attention_tile_is_exact(nq, nk, density, min_keys, is_causal, min_seq_len):
@@ -187,8 +186,8 @@ def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_ce
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
     if kernels:
         from spt_compile.kernels.attention_tiled_fwd import tiled_attention_forward
-    else:
-        tiled_attention_forward = ta.tiled_attention_forward
+    else:  # the fast plain-PyTorch stages (lowering/attention_tiled_cpu.py; the reference is the semantics)
+        from spt_compile.lowering.attention_tiled_cpu import tiled_attention_forward
     out, lse = tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
     return out.contiguous(), idx.contiguous(), lse.contiguous()
 
@@ -250,13 +249,13 @@ def _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropou
     tile, dK/dV through the deterministic key -> tiles index, dS for a trainable mask), replaying the kernel
     forward's dropout mask; or the plain-PyTorch stage, replaying the plain forward's."""
     from spt_compile.lowering.attention_tiled import rebuild_exact
-    from spt_compile.lowering.reference import tiled_attention as ta
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
     if _tiled_kernels(q, v):
         from spt_compile.kernels.attention_tiled_bwd import tiled_attention_backward
         stage = tiled_attention_backward  # takes dout's strides
     else:
-        stage, dout = ta.tiled_attention_backward, dout.contiguous()
+        from spt_compile.lowering.attention_tiled_cpu import tiled_attention_backward
+        stage, dout = tiled_attention_backward, dout.contiguous()
     dq, dk, dv, dmask = stage(dout, q, k, v, out, lse, run_idx, mask, is_causal, scale, tile, dropout_p, seed,
                               mask_grad)
     dmask = dmask.contiguous() if mask_grad else q.new_empty((0,))

@@ -13,6 +13,8 @@ changes how the work is laid out, because on CPU the time goes into memory passe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,14 @@ def scoring_dtype(q: Tensor) -> torch.dtype:
 
 
 BF16_SCORING = True  # tests switch it off to compare the selection bit for bit with the reference
+
+
+def gemm_dtype(q: Tensor) -> torch.dtype:
+    """Operand dtype of the attention GEMMs: bf16 inputs stay bf16 on CPUs with AMX (as SDPA's CPU kernel
+    does; products accumulate in fp32, logits and softmax are fp32); everything else runs in compute_dtype."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and BF16_SCORING and _has_amx():
+        return torch.bfloat16
+    return compute_dtype(q.dtype)
 
 
 def _has_amx() -> bool:
@@ -193,9 +203,9 @@ def _slot_ok(idx_c: Tensor, mask: Tensor | None, is_causal: bool, i0: int, i1: i
     return ok, bias
 
 
-def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None) -> Tensor:
-    """s [B, H, c, T, L'] = q_t.kg (q_t pre-scaled) + bias, -inf where not ok."""
-    s = q_t @ kg.transpose(-1, -2)
+def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None, cdt: torch.dtype) -> Tensor:
+    """s [B, H, c, T, L'] cdt = q_t.kg (q_t pre-scaled) + bias, -inf where not ok."""
+    s = (q_t @ kg.transpose(-1, -2)).to(cdt)
     if bias is not None:
         s += bias
     if ok is not None:
@@ -223,11 +233,11 @@ def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: 
     b, h, nq, d = q.shape
     dv = v.shape[3]
     nt, L = idx.shape[2], idx.shape[3]
-    cdt = compute_dtype(q.dtype)
-    qs = _padded_rows(q.to(cdt) * scale, nt * tile)  # [B, H, Nq', D]: scale folded into q
-    kc, vc = k.to(cdt), v.to(cdt)
-    out = torch.empty((b, h, nt * tile, dv), dtype=cdt, device=q.device)
-    lse = torch.empty((b, h, nt * tile), dtype=torch.float32, device=q.device)
+    cdt, mdt = compute_dtype(q.dtype), gemm_dtype(q)
+    qs = _padded_rows((q.to(cdt) * scale).to(mdt), nt * tile)  # [B, H, Nq', D]: scale folded into q
+    kc, vc = k.to(mdt), v.to(mdt)
+    out = torch.empty((b, h, nq, dv), dtype=q.dtype, device=q.device)  # exact size: the op saves it for backward
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
     step = _chunk_tiles(nt, b * h * L * (tile + d + dv), chunk)
     for t0 in range(0, nt, step):
@@ -236,14 +246,14 @@ def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: 
         idx_c = _trim(idx[:, :, t0:t1])
         kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
         ok, bias = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        e, mx = _exp_rows(_logits(_tiles(qs, i0, c, tile), kg, ok, bias))  # [B, H, c, T, L']
+        e, mx = _exp_rows(_logits(_tiles(qs, i0, c, tile), kg, ok, bias, cdt))  # [B, H, c, T, L']
         den = e.sum(-1, keepdim=True)
-        lse[:, :, i0:t1 * tile] = (mx + torch.log(den)).reshape(b, h, c * tile)
+        lse[:, :, i0:i1] = (mx + torch.log(den)).reshape(b, h, c * tile)[:, :, :i1 - i0]
         if keep is not None:
             e *= _keep_tiles(keep, i0, i1, c, tile, idx_c.shape[-1], cdt) / (1.0 - dropout_p)
-        o = e @ vg  # [B, H, c, T, Dv]
-        out[:, :, i0:t1 * tile] = (o / torch.where(den > 0, den, 1.0)).reshape(b, h, c * tile, dv)
-    return out[:, :, :nq].to(q.dtype), lse[:, :, :nq].contiguous()
+        o = (e.to(mdt) @ vg).to(cdt)  # [B, H, c, T, Dv]
+        out[:, :, i0:i1] = (o / torch.where(den > 0, den, 1.0)).reshape(b, h, c * tile, dv)[:, :, :i1 - i0]
+    return out, lse
 
 
 def _keep_tiles(keep: Tensor, i0: int, i1: int, c: int, tile: int, Lc: int, cdt: torch.dtype) -> Tensor:
@@ -263,13 +273,14 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     b, h, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     nt, L = idx.shape[2], idx.shape[3]
-    cdt = compute_dtype(q.dtype)
+    cdt, mdt = compute_dtype(q.dtype), gemm_dtype(q)
     if mask_grad and (mask is None or not mask.dtype.is_floating_point):
         raise ValueError("mask_grad needs a floating (additive) mask")
     rows = nt * tile
-    qs = _padded_rows(q.to(cdt) * scale, rows)  # [B, H, Nq', D]
-    do = _padded_rows(dout.to(cdt), rows)  # [B, H, Nq', Dv]
-    lse_p = _padded_rows(lse.to(cdt)[..., None], rows)  # [B, H, Nq', 1]
+    qs = _padded_rows((q.to(cdt) * scale).to(mdt), rows)  # [B, H, Nq', D]
+    do = _padded_rows(dout.to(mdt), rows)  # [B, H, Nq', Dv]
+    # a row with no kept key has lse = -inf: +inf there makes exp(s - lse) = exp(-inf) = 0, not exp(nan)
+    lse_p = _padded_rows(torch.where(lse == -math.inf, math.inf, lse).to(cdt)[..., None], rows)  # [B, H, Nq', 1]
     # fp64 (ground-truth mode) too: its lse is stored in fp32, which would cap the accuracy at 1e-7
     own_max = (mask is not None and mask.dtype.is_floating_point) or cdt == torch.float64
     dq = torch.empty((b, h, rows, d), dtype=cdt, device=q.device)
@@ -277,7 +288,7 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dvv = torch.zeros((b * hkv * nk, dv), dtype=cdt, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=cdt, device=q.device) if mask_grad else None
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
-    kc, vc = k.to(cdt), v.to(cdt)
+    kc, vc = k.to(mdt), v.to(mdt)
     step = _chunk_tiles(nt, b * h * L * (2 * tile + 2 * d + 2 * dv), chunk)
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
@@ -286,28 +297,29 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
         q_t, do_t = _tiles(qs, i0, c, tile), _tiles(do, i0, c, tile)
         ok, bias = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        s = _logits(q_t, kg, ok, bias)  # [B, H, c, T, L']
+        s = _logits(q_t, kg, ok, bias, cdt)  # [B, H, c, T, L']
         if own_max:
             p, _ = _exp_rows(s)
             p /= torch.where((den := p.sum(-1, keepdim=True)) > 0, den, 1.0)
         else:
             p = s.sub_(_tiles(lse_p, i0, c, tile)).exp_()  # -inf slots -> 0
-        dp = do_t @ vg.transpose(-1, -2)  # [B, H, c, T, L']
+        dp = (do_t @ vg.transpose(-1, -2)).to(cdt)  # [B, H, c, T, L']
         pd = p
         if keep is not None:
             ks = _keep_tiles(keep, i0, i1, c, tile, idx_c.shape[-1], cdt) / (1.0 - dropout_p)
             dp *= ks
             pd = p * ks
-        dv_rows = pd.transpose(-1, -2) @ do_t  # [B, H, c, L', Dv] (before p is overwritten by dS)
+        dv_rows = pd.to(mdt).transpose(-1, -2) @ do_t  # [B, H, c, L', Dv] (before p is overwritten by dS)
         # delta = rowsum(P * dP), not rowsum(dout * out): equal in exact arithmetic, but this one cancels exactly
         # where the dense formulation does (one kept key: dS = 0), keeping the error within 2x dense's
         delta = (p * dp).sum(-1, keepdim=True)
         ds = p.mul_(dp.sub_(delta))  # dS = P (dP - delta), in place over p
-        dq[:, :, i0:t1 * tile] = (ds @ kg).reshape(b, h, c * tile, d)
+        ds_m = ds.to(mdt)
+        dq[:, :, i0:t1 * tile] = (ds_m @ kg).reshape(b, h, c * tile, d)
         flat = _flat_index(idx_c, hkv, nk).reshape(-1)
         # empty slots point at key 0 of their kv head but carry dS = 0 and P = 0: they add nothing
-        dk.index_add_(0, flat, (ds.transpose(-1, -2) @ q_t).reshape(-1, d))  # q_t is pre-scaled: scale dS^T Q
-        dvv.index_add_(0, flat, dv_rows.reshape(-1, dv))
+        dk.index_add_(0, flat, (ds_m.transpose(-1, -2) @ q_t).reshape(-1, d).to(cdt))  # q_t pre-scaled: scale dS^T Q
+        dvv.index_add_(0, flat, dv_rows.reshape(-1, dv).to(cdt))
         if dmask is not None:
             _add_mask_grad(dmask, _ds_on_keys(ds, idx_c, nk, i1 - i0), i0, i1)
     dq = (dq[:, :, :nq] * scale).to(q.dtype)

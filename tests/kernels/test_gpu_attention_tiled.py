@@ -105,7 +105,9 @@ def test_op_tile_kernel_path_vs_plain_and_fp64(dtype, kind, density, kernel_path
         monkeypatch.setattr(mod, name, lambda *a, **kw: (calls.__setitem__(key, calls[key] + 1), orig(*a, **kw))[1])
     count(kfwd, "tiled_attention_forward", "fwd")
     count(kbwd, "tiled_attention_backward", "bwd")
+    from spt_compile.lowering import attention_tiled_cpu
     count(ta, "tiled_attention_forward", "plain")
+    count(attention_tiled_cpu, "tiled_attention_forward", "plain")
     tile = size(64, 16)
     q, k, v, mask, causal, dout = _op_problem(dtype, kind, seed=21)
     res = run_op(*dev(q, k, v, mask), causal, dev(dout)[0], density, MODE, tile)

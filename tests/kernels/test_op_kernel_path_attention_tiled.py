@@ -25,6 +25,7 @@ from spt_compile.kernels import attention_tiled_fwd as kfwd
 from spt_compile.kernels import attention_tiled_select as ksel
 from spt_compile.kernels import autotune
 from spt_compile.kernels import pq as kpq
+from spt_compile.lowering import attention_tiled, attention_tiled_cpu
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_slots
 from spt_compile.lowering.reference import tiled_attention as ta
 from tests.helpers import kernels_mode
@@ -52,9 +53,12 @@ def spy(monkeypatch):
     wrap(ksel, "select_tiles", "select")
     wrap(kfwd, "tiled_attention_forward", "fwd")
     wrap(kbwd, "tiled_attention_backward", "bwd")
-    wrap(ta, "select_tiles", "plain_select")
-    wrap(ta, "tiled_attention_forward", "plain_fwd")
-    wrap(ta, "tiled_attention_backward", "plain_bwd")
+    # the plain path: its selection entry (also the exact lists), and the attention stages of the reference and
+    # of the fast CPU path (whichever the op's plain branch calls)
+    wrap(attention_tiled, "tiled_select", "plain_select")
+    for mod in (ta, attention_tiled_cpu):
+        wrap(mod, "tiled_attention_forward", "plain_fwd")
+        wrap(mod, "tiled_attention_backward", "plain_bwd")
     return calls
 
 
@@ -144,7 +148,7 @@ def test_sparse_mode_kernel_path(case, spy):
     assert idx.is_contiguous() and out.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (b, h, nq)
     # the plain path keeps as many keys per tile (which keys may differ only on PQ-mass ties)
     plain = run_op(q, k, v, mask, causal, dout, density, "reference", tile)
-    assert spy["plain_select"] == 1 and spy["plain_fwd"] == 1 and spy["plain_bwd"] == 1
+    assert spy["plain_select"] == 1 and spy["plain_fwd"] >= 1 and spy["plain_bwd"] >= 1
     assert {n: spy[n] for n in ("pq", "select", "fwd", "bwd")} == {"pq": 1, "select": 1, "fwd": 1, "bwd": 1}
     assert torch.equal((idx >= 0).sum(-1), (plain[1] >= 0).sum(-1))
     keep = check(res, q, k, v, mask, causal, dout, tile, dtype)
@@ -255,7 +259,7 @@ def test_head_dim_over_the_kernel_limit_runs_the_plain_path(spy):
     q, k, v, mask, causal, dout = make(1, 2, 1, 10, 12, d, 16, torch.float32, "causal", seed=1)
     res = run_op(q, k, v, mask, causal, dout, 0.5, "triton", 4, min_keys=2)
     assert {n: spy[n] for n in ("pq", "select", "fwd", "bwd")} == {"pq": 0, "select": 0, "fwd": 0, "bwd": 0}
-    assert spy["plain_select"] == 1 and spy["plain_fwd"] == 1 and spy["plain_bwd"] == 1
+    assert spy["plain_select"] == 1 and spy["plain_fwd"] >= 1 and spy["plain_bwd"] >= 1
     plain = run_op(q, k, v, mask, causal, dout, 0.5, "reference", 4, min_keys=2)
     for a, c in zip(res, plain):
         assert torch.equal(a, c)  # the very same plain path
@@ -324,7 +328,7 @@ def test_fp64_and_the_default_mode_on_cpu_run_the_plain_path(spy):
     run_op(q, k, v, mask, causal, dout, 0.5, "triton", 4)  # fp64 is the ground-truth mode everywhere
     run_op(*(t.float() for t in (q, k, v)), mask, causal, dout.float(), 0.5, "auto", 4)  # CPU, auto: plain
     assert {n: spy[n] for n in ("pq", "select", "fwd", "bwd")} == {"pq": 0, "select": 0, "fwd": 0, "bwd": 0}
-    assert spy["plain_fwd"] == 2 and spy["plain_bwd"] == 2
+    assert spy["plain_select"] == 2 and spy["plain_fwd"] >= 2 and spy["plain_bwd"] >= 2
 
 
 # ------------------------------------------------------------------------------------------------------------

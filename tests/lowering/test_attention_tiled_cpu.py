@@ -99,6 +99,29 @@ def test_bf16_scoring_loses_at_most_a_tenth_of_a_percent_of_the_mass(c):
     assert lost.max().item() <= 1e-3, lost.max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bool", "inf"])
+def test_rows_with_no_allowed_key_give_zeros_and_finite_gradients(dtype, kind):
+    """lse = -inf on such a row; the backward's exp(s - lse) must not turn into exp(nan)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g).to(dtype) for _ in range(3))
+    mask = torch.rand(2, 1, 9, 9, generator=g) < 0.7
+    mask[0, 0, 3] = False
+    mask[1, 0, 8] = False
+    if kind == "inf":
+        mask = torch.where(mask, 0.0, -math.inf).to(dtype)
+    for tile in (1, 4):
+        idx = ta.tile_allowed_indices(mask, True, (2, 2, 9, 9), tile, 9, q.device)
+        out, lse = fast.tiled_attention_forward(q, k, v, idx, mask, True, 0.3, tile, 0.0, None)
+        dout = torch.randn(out.shape, generator=g).to(dtype)
+        grads = fast.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, True, 0.3, tile, 0.0, None)
+        want = ta.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, True, 0.3, tile, 0.0, None)
+        assert (out[0, :, 3] == 0).all() and (out[1, :, 8] == 0).all()
+        for a, b in zip(grads[:3], want[:3]):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_scoring_dtype_rule(monkeypatch):
     q32, q64 = torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8, dtype=torch.float64)
     assert fast.scoring_dtype(q64) == torch.float64

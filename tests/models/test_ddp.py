@@ -40,6 +40,7 @@ DEFAULT = {**BASE, "ffn_blocks": 8, "ffn_router_rank": 4, "ffn_router_refresh": 
 # so every token takes the same blocks and the loss and weights agree as in exact mode (measured: equal to the
 # printed digits); a tolerance, not equality, because a top-k tie within rounding could pick another block
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-5, 1e-6
+MODES = {"exact": EXACT, "default": DEFAULT}
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -79,37 +80,46 @@ def _rewritten(reports) -> tuple[int, int]:
     return (sum(len(r.rewritten("attention")) for r in reports), sum(len(r.rewritten("ffn")) for r in reports))
 
 
-def _worker(rank: int, init_file: str, options: dict, out_dir: str) -> None:
+def _train_replicated(rank: int, options: dict) -> dict:
     import spt_compile
     from torch.nn.parallel import DistributedDataParallel as DDP
+    torch._dynamo.reset()
+    model = _model()
+    n0 = len(spt_compile.last_reports())
+    fn = torch.compile(DDP(model), backend="spt", options=options)
+    x, y, lengths = _data()
+    mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+
+    def mean_over_ranks(t):
+        dist.all_reduce(t)
+        return t / WORLD
+
+    losses = _train(fn, model.parameters(), x[mine], y[mine], lengths[mine], mean_over_ranks)
+    rewritten = _rewritten(spt_compile.last_reports()[n0:])  # the training graph(s) only
+    # the same batch on both ranks, through the training graph (no_grad would compile a new graph whose
+    # router would be fit afresh, on this probe batch, alike on both ranks); no backward follows
+    probe = fn(x[:LOCAL], lengths[:LOCAL]).detach()
+    return dict(losses=losses, probe=probe, rewritten=rewritten,
+                params={k: v.detach() for k, v in model.state_dict().items()})
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     init_gloo(rank, init_file)
-    try:
-        model = _model()
-        fn = torch.compile(DDP(model), backend="spt", options=options)
-        x, y, lengths = _data()
-        mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
-
-        def mean_over_ranks(t):
-            dist.all_reduce(t)
-            return t / WORLD
-
-        losses = _train(fn, model.parameters(), x[mine], y[mine], lengths[mine], mean_over_ranks)
-        rewritten = _rewritten(spt_compile.last_reports())  # the training graph(s) only
-        # the same batch on both ranks, through the training graph (no_grad would compile a new graph whose
-        # router would be fit afresh, on this probe batch, alike on both ranks); no backward follows
-        probe = fn(x[:LOCAL], lengths[:LOCAL]).detach()
-        torch.save(dict(losses=losses, probe=probe, rewritten=rewritten,
-                        params={k: v.detach() for k, v in model.state_dict().items()}),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+    try:  # both modes in one pair of processes: the interpreter start-ups cost more than the training
+        found = {mode: _train_replicated(rank, options) for mode, options in MODES.items()}
+        torch.save(found, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run_ddp(tmp_path, options) -> list[dict]:
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), options, str(tmp_path)), nprocs=WORLD,
-                       start_method="spawn", join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """{mode: [rank 0's result, rank 1's]} of one DDP run of both modes."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, start_method="spawn", join=True)
+    found = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return {mode: [f[mode] for f in found] for mode in MODES}
 
 
 def _one_process(options):
@@ -120,8 +130,8 @@ def _one_process(options):
 
 
 @pytest.mark.slow
-def test_exact_mode_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    ranks = _run_ddp(tmp_path, EXACT)
+def test_exact_mode_two_ranks_equal_one_process_on_the_global_batch(ddp_runs):
+    ranks = ddp_runs["exact"]
     losses, params = _one_process(EXACT)
     print(f"exact mode: 2 ranks {ranks[0]['losses']} vs 1 process {losses}; weights differ by at most "
           f"{max((ranks[0]['params'][k] - v).abs().max().item() for k, v in params.items()):.3g}")
@@ -133,8 +143,8 @@ def test_exact_mode_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_mode_two_ranks_close_to_one_process_and_route_alike(tmp_path):
-    ranks = _run_ddp(tmp_path, DEFAULT)
+def test_default_mode_two_ranks_close_to_one_process_and_route_alike(ddp_runs):
+    ranks = ddp_runs["default"]
     losses, params = _one_process(DEFAULT)
     print(f"default mode: 2 ranks {ranks[0]['losses']} vs 1 process {losses}")
     assert ranks[0]["rewritten"] == (CFG.layers, CFG.layers), ranks[0]["rewritten"]
@@ -226,6 +236,16 @@ def test_router_statistic_is_the_token_weighted_mean_over_ranks_at_refresh_only(
     print(r0["error"])
     for r in (r0, r1):
         assert r["error"] is not None and "out of step" in r["error"], r["error"]
+
+
+def test_router_process_group_setting_checks_its_argument_and_is_off_without_distributed():
+    from spt_compile.lowering import router_sync as S
+    with pytest.raises(TypeError, match="ProcessGroup, WORLD or None"):
+        S.set_process_group(3)
+    assert not dist.is_initialized()  # one process, nothing initialised: the statistic is this process's own
+    assert S.active_group() is None
+    x = torch.randn(5, 4)
+    assert torch.equal(S.second_moment(x), S.second_moment(x, sync=False))
 
 
 WIDE = ToyConfig(hidden=256, heads=4, kv_heads=2, ffn_hidden=1024, layers=2, mask="causal")  # ~3 MB a layer

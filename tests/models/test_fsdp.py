@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.models.test_ddp import (CFG, DEFAULT, EXACT, LOCAL, WORLD, _data, _model, _one_process, _rewritten,
-                                   _train, init_gloo)
+from tests.models.test_ddp import (CFG, LOCAL, MODES, WORLD, _data, _model, _one_process, _rewritten, _train,
+                                   init_gloo)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -58,9 +58,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(found, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-MODES = {"exact": EXACT, "default": DEFAULT}
 
 
 @pytest.mark.slow
