@@ -1,6 +1,7 @@
 """Query-tile sparse attention (pq_sparse_attention, query_tile=T): CPU time vs SDPA, MiniLM quality per T.
 
-    python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 1]
+    python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 3]
+                                        [--dtype float32|bfloat16] [--threads N]
     python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--seq 512] [--docs 8]
                                            [--groups 2 4] [--group-tiles 16 64]
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._common import machine_name, markdown_table, time_fn, write_result  # noqa: E402
+from bench._common import machine_name, markdown_table, write_result  # noqa: E402
+from spt_compile.demo import speed_label  # noqa: E402
 
 import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_sparse_attention
 from spt_compile.lowering.attention import pq_sparse_attention  # noqa: E402
@@ -37,38 +39,55 @@ NOISE = ("Measured on a shared 2-core CPU while other agents were running: times
          "quoting them).")
 
 
-def time_rows(ns, densities, tile, reps, b=1, h=8, d=64):
+def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64):
+    """Per (N, causal): SDPA and the tiled op at each density, timed in interleaved rounds (one call of each
+    per round, so machine load hits all alike), median over rounds."""
+    import statistics
+    import time
     rows = []
     for n in ns:
         g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(3))
-        dout = torch.randn(b, h, n, d, generator=g)
+        q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        dout = torch.randn(b, h, n, d, generator=g).to(dtype)
         for causal in (False, True):
-            def step(fn):
-                def run():
-                    torch.autograd.grad(fn(), (q, k, v), dout)
-                return run
-            t_sdpa = time_fn(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
-                             warmup=1, reps=reps, device="cpu")
+            fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             for dens in densities:
-                t = time_fn(step(lambda: pq_sparse_attention(q, k, v, is_causal=causal, density=dens,
-                                                             query_tile=tile)), warmup=1, reps=reps, device="cpu")
+                fns[dens] = (lambda dd: lambda: pq_sparse_attention(q, k, v, is_causal=causal, density=dd,
+                                                                     query_tile=tile))(dens)
+            times = {key: [] for key in fns}
+            for r in range(reps + 1):  # round 0 warms up
+                for key, fn in fns.items():
+                    t0 = time.perf_counter()
+                    torch.autograd.grad(fn(), (q, k, v), dout)
+                    if r:
+                        times[key].append(time.perf_counter() - t0)
+            t_sdpa = statistics.median(times["sdpa"])
+            for dens in densities:
                 rows.append(dict(N=n, causal=causal, density=dens, L=attention_tile_slots(n, n, dens, 64, causal),
-                                 t_sdpa=t_sdpa, t=t))
+                                 t_sdpa=t_sdpa, t=statistics.median(times[dens])))
                 print(rows[-1], flush=True)
     return rows
 
 
 def run_time(args):
-    rows = time_rows(args.ns, args.densities, args.tile, args.reps)
-    table = markdown_table(["N", "causal", "density", "L_max", "SDPA fwd+bwd", "tiled fwd+bwd", "SDPA / tiled"],
+    from spt_compile.demo import load_note
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = time_rows(args.ns, args.densities, args.tile, args.reps, dtype)
+    table = markdown_table(["N", "causal", "density", "L_max", "SDPA fwd+bwd", "tiled fwd+bwd", "vs SDPA"],
                            [[r["N"], r["causal"], r["density"], r["L"], f"{r['t_sdpa'] * 1e3:.0f} ms",
-                             f"{r['t'] * 1e3:.0f} ms", f"{r['t_sdpa'] / r['t']:.2f}x"] for r in rows])
-    body = (f"Machine: {machine_name()}. Query-tile sparse attention (T={args.tile}, L_min=64, PQ M=8 C=16 3 iters "
-            f"included), plain-PyTorch CPU path, vs F.scaled_dot_product_attention in the same run; B=1, H=8, "
-            f"D=64, fp32, forward+backward, median of {args.reps} after 1 warmup. {NOISE}\n\n{table}\n")
+                             f"{r['t'] * 1e3:.0f} ms", speed_label(r["t_sdpa"], r["t"])] for r in rows])
+    body = (f"Machine: {machine_name()}, {torch.get_num_threads()} torch threads. Query-tile sparse attention "
+            f"(T={args.tile}, L_min=64, PQ M=8 C=16 3 iters included; the op's CPU path, "
+            f"lowering/attention_tiled_cpu.py) vs F.scaled_dot_product_attention in the same run; B=1, H=8, D=64, "
+            f"{args.dtype}, forward+backward, median of {args.reps} interleaved rounds after 1 warm-up round. "
+            f"{load_note() or ''}\n\n"
+            f"Reproduce: `python bench/attention_tiles.py time --ns {' '.join(map(str, args.ns))} --densities "
+            f"{' '.join(map(str, args.densities))} --reps {args.reps} --dtype {args.dtype}"
+            f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{table}\n")
     print(body)
-    print("wrote", write_result("attention-tiles", body))
+    print("wrote", write_result("attention-tiles" + ("" if args.dtype == "float32" else f"-{args.dtype}"), body))
 
 
 # ------------------------------------------------------------------ quality on MiniLM
@@ -198,7 +217,9 @@ def main(argv=None):
     t.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096])
     t.add_argument("--densities", type=float, nargs="+", default=[0.125, 0.25])
     t.add_argument("--tile", type=int, default=64)
-    t.add_argument("--reps", type=int, default=1)
+    t.add_argument("--reps", type=int, default=3)
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     qa = sub.add_parser("quality")
     qa.add_argument("--tiles", type=int, nargs="+", default=[0, 1, 16, 64])
     qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])

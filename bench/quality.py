@@ -10,7 +10,8 @@ the dense row is evaluated dense. Targets: gap <= 2% at (0.5, 0.5), <= 5% at (0.
     python bench/quality.py [--steps 40] [--seq 128] [--batch 8] [--improve '{"ffn_blocks": 64}'] [--name quality]
 --improve adds rows with the given extra spt options at the grid's densities that have a target ((0.5, 0.5),
 (0.25, 0.25)), to show a change's before/after; e.g. `--grid 0.25,0.25 --improve ... --name quality-improve`
-measures one before/after pair without overwriting the full grid's file. Writes
+measures one before/after pair without overwriting the full grid's file (`--grid '' --improve-at 0.25,0.25`:
+the dense row and the changed row only, against an earlier run's unchanged row). Writes
 bench/results/<name>-<machine>.md and .png.
 """
 from __future__ import annotations
@@ -99,6 +100,11 @@ def plot(results, path):
     plt.close(fig)
 
 
+def parse_grid(text: str) -> list[tuple[float, float]]:
+    """'0.5,0.5;0.25,0.25' -> [(0.5, 0.5), (0.25, 0.25)]; '' -> [] (no such rows)."""
+    return [tuple(float(x) for x in c.split(",")) for c in text.split(";") if c.strip()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default=None, help="subset of the grid, e.g. '0.5,0.5;0.25,0.25'")
     ap.add_argument("--improve", default=None,
                     help="JSON of extra spt options for added rows at the grid's target densities")
+    ap.add_argument("--improve-at", default=None,
+                    help="densities of the --improve rows, as --grid (default: the grid's target densities)")
     ap.add_argument("--options", default="{}",
                     help='JSON of spt options for every spt row besides the densities, e.g. \'{"inner_backend": '
                          '"aot_eager"}\' (the same rewritten graph and sparse ops without inductor\'s code '
@@ -117,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="quality", help="result file bench/results/<name>-<machine>.md (and .png)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    grid = GRID if args.grid is None else [tuple(float(x) for x in c.split(",")) for c in args.grid.split(";")]
+    grid = GRID if args.grid is None else parse_grid(args.grid)
+    improve_at = [c for c in grid if c in TARGETS] if args.improve_at is None else parse_grid(args.improve_at)
     extra = json.loads(args.improve) if args.improve else None
     base = json.loads(args.options)
     quiet_transformers()
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
     if extra:
         configs += [(f"spt ({a}, {f}) + {json.dumps(extra)}", "spt",
                      {**base, "attention_density": a, "ffn_density": f, **extra})
-                    for a, f in grid if (a, f) in TARGETS]
+                    for a, f in improve_at]
     results, ref = [], None
     for label, backend, opts in configs:
         print(f"{label}: {args.steps} steps ...", flush=True)

@@ -232,6 +232,13 @@ def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
     if nk < min_seq_len:  # the forward ran exact and returned an all -1 idx: rebuild the full key list
         idx = ref.allowed_indices(mask, is_causal, (b, h, nq, nk), q.device)
     if mask_grad:  # the kernels have no dmask output: the reference (plain torch) serves every device
+        if dropout_p > 0 and _use_kernels(q):
+            # the kernel forward drew its dropout mask with tl.rand; the reference would replay torch.Generator's,
+            # a different mask: a silently wrong gradient. The query-tile op has a dS kernel for this case.
+            raise NotImplementedError(
+                "pq_sparse_attention: a trainable (requires_grad) mask together with attention dropout is not "
+                "supported by the per-query kernels (query_tile=0); use query_tile >= 1 (the default option "
+                "attention_query_tile=64), dropout 0, or SPT_KERNELS=reference")
         dq, dk, dv, dmask = ref.sparse_attention_backward_dmask(dout, q, k, v, out, lse, idx, mask, is_causal,
                                                                 scale, dropout_p, seed, True)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()

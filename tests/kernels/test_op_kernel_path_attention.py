@@ -231,6 +231,20 @@ def test_dropout_replays_exactly_in_backward(density, spy):
         torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-5, msg=lambda msg, name=name: f"{name}: {msg}")
 
 
+def test_trainable_mask_with_dropout_on_the_per_query_kernels_is_a_clear_error():
+    """The per-query kernels have no dS output and their forward's dropout mask (tl.rand) cannot be replayed by
+    the reference backward: a clear error, never a silently wrong mask gradient."""
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    mask = torch.randn(1, 1, 16, 16).requires_grad_()
+    with kernels_mode("triton"):
+        out, _, _ = OP(q, k, v, mask, False, 0.25, 0.5, 4, 4, 1, 0.2, torch.tensor(3))
+        with pytest.raises(NotImplementedError, match="trainable .* mask together with attention dropout"):
+            out.sum().backward()
+        out, _, _ = OP(q, k, v, mask, False, 0.25, 0.5, 4, 4, 1, 0.0, None)  # no dropout: the reference serves
+        out.sum().backward()
+    assert mask.grad is not None and torch.isfinite(mask.grad).all()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the op's contract checks through the kernel path: opcheck, torch.compile
 # ------------------------------------------------------------------------------------------------------------
