@@ -69,7 +69,9 @@ def test_cli_show_in_a_subprocess(autotune_on, tmp_path):
 @pytest.mark.slow
 def test_pretune_tunes_then_a_second_compile_reuses_the_entries(autotune_on):
     autotune.set_timer(lambda fn, cfg: cfg["budget"] / 1e6)  # real runs, fake (deterministic) times
-    opts = {"inner_backend": "aot_eager"}
+    # the per-query op (T = 0): its plain-PyTorch stages are the CPU tunables (kernels/cpu_tunables.py); the
+    # query-tile CPU path (lowering/attention_tiled_cpu.py) has none
+    opts = {"inner_backend": "aot_eager", "attention_query_tile": 0}
     first = at.pretune("llama", layers=1, hidden=32, seq=512, batch=1, options=opts, device="cpu")
     kernels = {e["kernel"] for e in first.tuned}
     assert {"attention_cpu_select", "attention_cpu_forward", "attention_cpu_backward"} <= kernels, str(first)

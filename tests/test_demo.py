@@ -79,13 +79,16 @@ def test_bad_options_are_rejected_before_loading_anything():
 @pytest.mark.slow
 def test_demo_end_to_end_on_one_layer(tmp_path, capsys):
     png = tmp_path / "loss.png"
-    # aot_eager on both sides (no code generation): the demo's flow, not inductor's compile time
+    # aot_eager on both sides (no code generation): the demo's flow, not inductor's compile time; a small
+    # attention_min_keys so that attention at 16 tokens is sparse (the default floor would cover every key)
     rc = demo.main(["--steps", "3", "--seq", "16", "--batch", "2", "--layers", "1", "--large", "never",
                     "--heldout-batches", "2", "--baseline", "aot_eager", "--plot", str(png),
-                    "--options", '{"min_seq_len": 8, "attention_density": 0.5, "inner_backend": "aot_eager"}'])
+                    "--options", '{"min_seq_len": 8, "attention_density": 0.5, "attention_min_keys": 4, '
+                                 '"inner_backend": "aot_eager"}'])
     out = capsys.readouterr().out
     assert rc == 0
     assert "attention 1 rewritten" in out and "ffn 1 rewritten" in out, out
+    assert any("| attention |" in line and "mode=sparse" in line for line in out.splitlines()), out
     spt_row = next(line for line in out.splitlines() if line.startswith("| spt "))
     assert ("faster" in spt_row) != ("slower" in spt_row), spt_row
     assert "held-out loss before -> after" in out and "USDT" not in out

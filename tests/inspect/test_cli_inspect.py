@@ -19,6 +19,8 @@ ROOT = HERE.parents[1]
 TINY = f"{HERE / 'tiny_models.py'}:factory"
 UNSUPPORTED = f"{HERE / 'tiny_models.py'}:unsupported_factory"
 OPTS = json.dumps({"min_seq_len": 1})
+# tiny lengths really sparse: a small L_min, since the default floor covers every one of --seq 16 keys
+SPARSE_OPTS = json.dumps({"min_seq_len": 1, "attention_min_keys": 4})
 
 
 def inspect(*argv) -> int:
@@ -40,7 +42,8 @@ def test_help_names_every_flag_with_its_default():
 
 def test_factory_model_table_json_and_html(tmp_path, capsys):
     out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
-    assert inspect(TINY, "--layers", 2, "--seq", 16, "--options", OPTS, "--json", out_json, "--html", out_html) == 0
+    assert inspect(TINY, "--layers", 2, "--seq", 16, "--options", SPARSE_OPTS, "--json", out_json,
+                   "--html", out_html) == 0
     printed = capsys.readouterr().out
     assert "attention 2 rewritten / 0 dense; ffn 2 rewritten / 0 dense" in printed
     assert "estimated savings (dense -> spt)" in printed

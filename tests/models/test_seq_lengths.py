@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import spt_compile
+from spt_compile.lowering.formulas import attention_keys_kept, attention_num_tiles, attention_tile_slots
+from spt_compile.options import SptOptions
 from spt_compile.plan import op_takes_min_seq_len
 from tests.toy_transformer import ToyConfig, ToyTransformer
 
 LENGTHS = (64, 100, 128, 200, 300)
 THRESHOLD = 128
+DENSITY = 0.25
 
 pytestmark = pytest.mark.skipif(not op_takes_min_seq_len(),
                                 reason="torch.ops.spt.pq_sparse_attention has no run-time min_seq_len argument")
@@ -34,7 +37,7 @@ def _run(dynamic):
     """(outputs of eager, outputs of spt, backend calls) over LENGTHS with one compiled model."""
     model, cfg = _model()
     compiled = torch.compile(copy.deepcopy(model), backend="spt", dynamic=dynamic,
-                             options={"attention_density": 0.25, "ffn": "dense", "min_seq_len": THRESHOLD,
+                             options={"attention_density": DENSITY, "ffn": "dense", "min_seq_len": THRESHOLD,
                                       "inner_backend": "aot_eager"})
     spt_compile.report.clear_reports()
     eager, spt, reports = [], [], []
@@ -64,7 +67,28 @@ def test_static_shapes_decide_per_length():
         if n < THRESHOLD:
             assert site.status == "dense" and f"{n} keys < min_seq_len={THRESHOLD}" in site.reason, str(r)
         else:
-            assert site.status == "rewritten" and site.plan.mode == "sparse" and site.plan.L == -(-n // 4), str(r)
+            assert site.status == "rewritten" and site.plan.mode == "sparse" and site.plan.L == _slots(n), str(r)
+
+
+def _slots(n):
+    """idx slots of the causal self-attention at length n under the default options (lowering/formulas.py)."""
+    opts = SptOptions(attention_density=DENSITY)
+    if opts.attention_query_tile:
+        return attention_tile_slots(n, n, DENSITY, opts.attention_min_keys, True)
+    return attention_keys_kept(n, DENSITY)
+
+
+def _graphs_for(lengths, dynamic):
+    """Compiled graphs expected over `lengths`. One symbolic graph serves every length, with one exception: with
+    query tiles the idx output has ceil(N/T) tiles, and when that is 1 (N <= T) torch guards on it (the size-1
+    check of the output's contiguity, as Dynamo's 0/1 specialisation), so lengths N <= T and N > T get one graph
+    each (docs/OPS.md). dynamic=None compiles the first length static, then one symbolic graph per such class."""
+    tile = SptOptions().attention_query_tile
+
+    def classes(ns):
+        return len({bool(tile) and attention_num_tiles(n, tile) == 1 for n in ns})
+
+    return classes(lengths) if dynamic else 1 + classes(lengths[1:])
 
 
 @pytest.mark.parametrize("dynamic", [True, None])  # dynamic=True, and automatic dynamic after a recompile
@@ -77,4 +101,5 @@ def test_symbolic_length_applies_the_threshold_at_run_time(dynamic):
     assert site.status == "rewritten" and site.plan.mode == "runtime" and site.plan.L is None, str(final)
     assert site.plan.min_seq_len == THRESHOLD and site.params["min_seq_len"] == THRESHOLD
     frames = {(r.frame, r.frame_compile) for r in spt_compile.last_reports()}
-    assert len(frames) == (1 if dynamic else 2), frames  # one graph for every length (after one recompile)
+    # one graph for every length (after the first static compile when dynamic=None), except N <= T vs N > T
+    assert len(frames) == _graphs_for(LENGTHS, dynamic), frames

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import spt_compile
+from spt_compile.lowering import formulas
 from spt_compile.options import OPTION_DOCS, SptOptions
 
 
@@ -72,7 +73,9 @@ def test_explain_leaves_the_model_and_rng_alone():
     torch.manual_seed(7)
     expected_next = torch.rand(3)
     torch.manual_seed(7)
-    report = spt_compile.explain(model, x, lengths, options={"min_seq_len": 0})
+    # a small L_min: at N=8 the default floor would cover every key and run the site exact
+    options = {"min_seq_len": 0, "attention_min_keys": 1}
+    report = spt_compile.explain(model, x, lengths, options=options)
     assert torch.equal(torch.rand(3), expected_next), "explain consumed the user's RNG"
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -80,8 +83,15 @@ def test_explain_leaves_the_model_and_rng_alone():
     att, ffn = report.sites
     assert att.module == "blocks.0.attn" and ffn.module == "blocks.0.ffn"
     assert att.source.startswith("toy_transformer.py:") and ffn.source.startswith("toy_transformer.py:")
+    opts = SptOptions.from_dict(options)
+    if opts.attention_query_tile:
+        slots = formulas.attention_tile_slots(8, 8, opts.attention_density, opts.attention_min_keys,
+                                               att.plan.is_causal)
+    else:
+        slots = formulas.attention_keys_kept(8, opts.attention_density)
+    assert att.plan.mode == "sparse" and att.plan.L == slots < 8, att.plan  # fewer slots than the 8 keys
     text = str(report)
-    assert "blocks.0.attn" in text and "rewritten" in text and "L=2" in text  # ceil(0.25 * 8)
+    assert "blocks.0.attn" in text and "rewritten" in text and f"L={slots}" in text
 
 
 def test_cli_lists_options():
