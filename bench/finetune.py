@@ -73,17 +73,26 @@ def run_cell(cell: str, args, device, dtype):
     name, lora, seq, all_d, amp = parse_cell(cell)
     stack = build_stack(name, layers=args.layers, seq=seq, lora_rank=16 if lora else 0)
     stack.model.to(device=device, dtype=torch.float32 if amp else dtype)  # autocast runs over fp32 weights
+    # every cell compiles the same HF forward code again: without a reset Dynamo's per-code recompile limit is hit
+    # after a few cells and later cells silently run eager (measured: a whole spt row with no site rewritten)
+    torch._dynamo.reset()
     ids = stack_inputs(args.batch, seq, device)
     steps, sites = {}, {}
     for label, backend, opts in backends_for(all_d):
         m = copy.deepcopy(stack.model)
         fn = m if backend is None else torch.compile(m, backend=backend, options=opts, dynamic=False)
         steps[label] = TrainStep(fn, m, autocast=torch.bfloat16 if amp else None)
-        n0 = len(spt_compile.last_reports())
+        # the list is capped (oldest dropped), so count the reports that are new, not the length; `seen` keeps the
+        # old reports alive, so no new report can reuse one of their ids
+        seen = spt_compile.last_reports()
         for _ in range(2):  # compile (forward at the first call, backward at the first backward), then warm up
             steps[label](ids).item()
         if backend == "spt":
-            sites[label] = spt_sites(spt_compile.last_reports()[n0:])
+            old = {id(r) for r in seen}
+            new = [r for r in spt_compile.last_reports() if id(r) not in old]
+            if not new:
+                raise RuntimeError(f"{cell} {label}: backend='spt' compiled no graph (Dynamo fell back to eager?)")
+            sites[label] = spt_sites(new)
     times = {label: [] for label in steps}
     for _ in range(args.reps):
         for label, step in steps.items():

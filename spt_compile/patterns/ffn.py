@@ -17,7 +17,7 @@ carries `problem` (the reason) and `near_miss` (the step that failed):
     "dropout"     dropout with p > 0 in training between the projections (the op has none)
     "projections" not one projection (or a gate/up pair on the same input) feeding the region
     "activation"  the region computes no known (gated) activation
-    "adapter"     a LoRA-adapted projection (patterns/projection.py detects it; the op takes no adapters yet)
+    "adapter"     a LoRA-adapted projection the op cannot take (patterns/lora.py says which: DoRA, dropout on down)
     "cut"         half an FFN: its other half is in another graph (a graph break, DDP's bucket split)
 Low-rank pairs (LoRA's A -> B), routers and LM heads never form the d -> H -> d chain and are not candidates.
 """

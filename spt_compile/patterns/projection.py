@@ -85,52 +85,6 @@ def sliced_projection(node) -> Projection | None:
     return None if rows is None else _slice_of(base, node, rows, ())
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraTerm:
-    """One adapter term `scaling * B(A(dropout(x)))` added to a base projection (PEFT's LoraLayer spelling)."""
-    a: Projection                    # A: in -> r
-    b: Projection                    # B: r -> out
-    scaling: float
-    dropout: fx.Node | None          # the dropout node on the adapter's input, if any
-
-
-def adapted_projection(node) -> Projection | None:
-    """`base(x) + s * B(A(dropout(x)))`, any number of adapters: a Projection whose `adapter` lists the terms.
-
-    Only recognised here, so that the FFN matcher reports the site (the op takes no adapters yet); making it
-    rewritable is the LoRA issue's job."""
-    if not (is_call(node, operator.add) and len(node.args) == 2 and not node.kwargs):
-        return None
-    for base_node, term_node in (node.args, node.args[::-1]):
-        base = match_projection(base_node)
-        term = _lora_term(term_node, base.x if base is not None else None)
-        if base is not None and term is not None:
-            terms = tuple(base.adapter or ()) + (term,)
-            extra = [term_node] if term_node is not term.b.node else []
-            extra += [term.b.node, term.a.node] + ([term.dropout] if term.dropout is not None else [])
-            return dataclasses.replace(base, node=node, adapter=terms, inner=(*extra, *base.nodes))
-    return None
-
-
-def _lora_term(node, x) -> LoraTerm | None:
-    if x is None or not isinstance(node, fx.Node):
-        return None
-    scaling = 1.0
-    if is_call(node, operator.mul) and len(node.args) == 2:
-        a0, a1 = node.args
-        node, scaling = (a0, a1) if isinstance(a1, (int, float)) else (a1, a0)
-        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-            return None
-    b = plain_projection(node)
-    a = plain_projection(b.x) if b is not None else None
-    if a is None or a.out_features >= min(a.in_features, b.out_features):
-        return None  # not low rank
-    src, drop = a.x, None
-    if is_call(src, N.DROPOUT):
-        src, drop = src.args[0], src
-    return LoraTerm(a, b, float(scaling), drop) if src is x else None
-
-
 def _lora_projection(node) -> Projection | None:
     from spt_compile.patterns.lora import lora_projection  # lora.py builds on this module (import cycle)
     return lora_projection(node)
