@@ -107,3 +107,26 @@ def test_balanced_assign_respects_capacity():
 def test_block_perm_bad_args(bad, match):
     with pytest.raises(ValueError, match=match):
         compute_block_perm(*bad)
+
+
+def test_fresh_weight_copies_each_call_keep_one_entry_and_the_refresh_schedule():
+    """Under autocast the compiled graph casts w1 to bf16 on every call: a fresh tensor (new storage) each time.
+    The router must not refit on every call (an eigendecomposition per site), yet a second live layer sharing
+    the site_id keeps its own factors."""
+    R.clear_router_cache()
+    g = torch.Generator().manual_seed(1)
+    T, d, H, E = 32, 16, 32, 8
+    x = torch.randn(T, d, generator=g).bfloat16()
+    w1 = torch.randn(H, d, generator=g)
+    w2 = torch.randn(d, H, generator=g).bfloat16()
+    perm = torch.arange(H)
+    for _ in range(5):
+        call(x, w1.bfloat16(), w2, perm, E, 2, rank=4, refresh=200)  # a fresh copy per call, the last one freed
+    (entry,) = R.router_cache_entries(42)
+    assert entry.refreshes == 1 and entry.calls == 5
+    other = torch.randn(H, d, generator=g).bfloat16()  # another layer, alive: its own entry
+    keep = w1.bfloat16()
+    call(x, keep, w2, perm, E, 2, rank=4, refresh=200)
+    call(x, other, w2, perm, E, 2, rank=4, refresh=200)
+    assert sorted(e.refreshes for e in R.router_cache_entries(42)) == [1, 1]
+    assert len(R.router_cache_entries(42)) == 2
