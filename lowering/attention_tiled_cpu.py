@@ -9,7 +9,9 @@ changes how the work is laid out, because on CPU the time goes into memory passe
   tile sum as one small batched GEMM (w [T] · e [T, Nk]); top-L by one topk over unique int64 keys (mass bits,
   then lower key first: the reference's stable tie order) instead of a full sort;
 - attention: masks are built only when some slot needs one (empty slots, causality, a mask), and the backward
-  recomputes P from the saved lse where that is safe (one softmax pass fewer).
+  recomputes P from the saved lse where that is safe (one softmax pass fewer);
+- on CPUs with AMX: the selection's scoring GEMM in bf16 (scoring_dtype), and bf16 inputs keep bf16 GEMM
+  operands (gemm_dtype); logits, softmax and accumulation stay fp32.
 """
 from __future__ import annotations
 
