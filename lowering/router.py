@@ -45,6 +45,7 @@ class _Factors:
     calls: int = 0             # calls served since the last refresh
     refreshes: int = 0         # how many times the factors were computed (for tests / reports)
     weights: tuple = ()        # weakrefs to the w1 (and w_up) the entry was last called with (see _adopt)
+    rank: int = 0              # the router rank it was fit for
 
 
 _CACHE: "collections.OrderedDict[tuple, _Factors]" = collections.OrderedDict()
@@ -123,14 +124,14 @@ def _fit(w1, w_up, block_perm, rank, x2d, data_aware, sync, refreshes) -> _Facto
     if w_up is not None:
         a_up, v_up = lowrank_factors(w_up, rank, c)
         a_up = a_up.index_select(0, block_perm)
-    return _Factors(v=v, a=a.index_select(0, block_perm), v_up=v_up, a_up=a_up, refreshes=refreshes)
+    return _Factors(v=v, a=a.index_select(0, block_perm), v_up=v_up, a_up=a_up, refreshes=refreshes, rank=rank)
 
 
 def _weakrefs(w1, w_up) -> tuple:
     return tuple(weakref.ref(w) for w in (w1, w_up) if w is not None)
 
 
-def _adopt(key: tuple, w1, w_up) -> _Factors | None:
+def _adopt(key: tuple, w1, w_up, rank: int) -> _Factors | None:
     """The entry of the same site, dtype and block order whose weights no longer exist, re-keyed to these.
 
     Under autocast the graph casts an fp32 parameter to bf16 on every call, so the op sees a fresh tensor each
@@ -138,7 +139,8 @@ def _adopt(key: tuple, w1, w_up) -> _Factors | None:
     and ignore router_refresh. A dead weakref tells that fresh copy apart from another live layer sharing the
     site_id (whose weights still exist and keep their own entry)."""
     for k, f in _CACHE.items():
-        if (k[:3], k[5]) == (key[:3], key[5]) and f.weights and all(r() is None for r in f.weights) \
+        if (k[:3], k[5]) == (key[:3], key[5]) and (k[4] is None) == (key[4] is None) and f.rank == rank \
+                and f.weights and all(r() is None for r in f.weights) \
                 and f.a.shape[0] == w1.shape[0] and f.v.shape[0] == w1.shape[1]:
             del _CACHE[k]
             _CACHE[key] = f
@@ -150,7 +152,7 @@ def _get_factors(site_id, w1, w_up, block_perm, rank, refresh, x2d, data_aware) 
     key = _key(site_id, w1, w_up, block_perm)
     f = _CACHE.get(key)
     if f is None:
-        f = _adopt(key, w1, w_up)
+        f = _adopt(key, w1, w_up, rank)
     if _sync.is_local():
         # a call on some ranks only: it must not move the shared refresh schedule (nor start a collective)
         return f if f is not None else _fit(w1, w_up, block_perm, rank, x2d, data_aware, False, 0)

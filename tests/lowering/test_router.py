@@ -130,3 +130,18 @@ def test_fresh_weight_copies_each_call_keep_one_entry_and_the_refresh_schedule()
     call(x, other, w2, perm, E, 2, rank=4, refresh=200)
     assert sorted(e.refreshes for e in R.router_cache_entries(42)) == [1, 1]
     assert len(R.router_cache_entries(42)) == 2
+
+
+def test_a_fresh_copy_never_adopts_an_entry_of_another_structure():
+    """Same site_id, dead weights, but gated vs not or another rank: a new fit, not the other's factors."""
+    R.clear_router_cache()
+    g = torch.Generator().manual_seed(2)
+    T, d, H, E = 16, 16, 32, 8
+    x = torch.randn(T, d, generator=g)
+    w1, w_up, w2 = torch.randn(H, d, generator=g), torch.randn(H, d, generator=g), torch.randn(d, H, generator=g)
+    perm = torch.arange(H)
+    call(x, w1.clone(), w2, perm, E, 2, rank=4, refresh=200)
+    gated = OP(x, w1.clone(), None, w_up.clone(), None, w2, None, perm, "silu", E, 2, "lowrank", 4, 200, 42)[1]
+    assert gated.shape == (T, 2)
+    call(x, w1.clone(), w2, perm, E, 2, rank=8, refresh=200)
+    assert sorted((e.rank, e.v_up is None) for e in R.router_cache_entries(42)) == [(4, False), (4, True), (8, True)]
