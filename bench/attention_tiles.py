@@ -35,9 +35,6 @@ from spt_compile.lowering.reference import pq_attention as pq_ref  # noqa: E402
 from spt_compile.lowering.reference.tiled_attention import tiled_attention_forward  # noqa: E402
 from spt_compile.lowering.reference.tiled_group_select import select_tiles_grouped  # noqa: E402
 
-NOISE = ("Measured on a shared 2-core CPU while other agents were running: times are noisy (repeat before "
-         "quoting them).")
-
 
 def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64):
     """Per (N, causal): SDPA and the tiled op at each density, timed in interleaved rounds (one call of each

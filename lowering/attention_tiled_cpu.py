@@ -23,17 +23,14 @@ from torch import Tensor
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys
 from spt_compile.lowering.reference.pq_attention import compute_dtype, dropout_keep, reconstruct_keys
 from spt_compile.lowering.reference.tiled_attention import (_add_mask_grad, _ds_on_keys, _flat_index, _gather_mask,
-                                                            _gather_rows, _tile_any, _trim, query_allowed)
+                                                            _gather_rows, _tile_any, _trim, query_allowed,
+                                                            tile_chunk)
 
 _CACHE_ELEMS = 1 << 18  # elements of a chunk's largest transient: ~1 MB fp32, inside a core's L2
 
 
 def _chunk_tiles(n_tiles: int, elems_per_tile: int, chunk: int | None) -> int:
-    if chunk is not None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        return chunk
-    return max(1, min(n_tiles, _CACHE_ELEMS // max(1, elems_per_tile)))
+    return tile_chunk(n_tiles, elems_per_tile, chunk, budget=_CACHE_ELEMS)
 
 
 def scoring_dtype(q: Tensor) -> torch.dtype:

@@ -29,13 +29,13 @@ from spt_compile.lowering.reference.pq_attention import (_add_mask_grad, _slot_s
 _CHUNK_ELEMS = 1 << 22  # largest transient per tile chunk, in elements (as in pq_attention)
 
 
-def tile_chunk(n_tiles: int, elems_per_tile: int, chunk: int | None = None) -> int:
-    """Tiles per chunk so that the chunk's largest transient holds about _CHUNK_ELEMS elements."""
+def tile_chunk(n_tiles: int, elems_per_tile: int, chunk: int | None = None, budget: int = _CHUNK_ELEMS) -> int:
+    """Tiles per chunk so that the chunk's largest transient holds about `budget` elements (or `chunk`)."""
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         return chunk
-    return max(1, min(n_tiles, _CHUNK_ELEMS // max(1, elems_per_tile)))
+    return max(1, min(n_tiles, budget // max(1, elems_per_tile)))
 
 
 def _rows(mask: Tensor, i0: int, i1: int) -> Tensor:

@@ -119,7 +119,8 @@ def test_rows_with_no_allowed_key_give_zeros_and_finite_gradients(dtype, kind):
         assert (out[0, :, 3] == 0).all() and (out[1, :, 8] == 0).all()
         for a, b in zip(grads[:3], want[:3]):
             assert torch.isfinite(a).all()
-            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the fast path keeps bf16 GEMM operands
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
 def test_scoring_dtype_rule(monkeypatch):
