@@ -84,7 +84,9 @@ def run_time(args):
             f"{' '.join(map(str, args.densities))} --reps {args.reps} --dtype {args.dtype}"
             f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{table}\n")
     print(body)
-    print("wrote", write_result("attention-tiles" + ("" if args.dtype == "float32" else f"-{args.dtype}"), body))
+    name = "attention-tiles" + ("" if args.tile == 64 else f"-T{args.tile}") + (
+        "" if args.dtype == "float32" else f"-{args.dtype}")
+    print("wrote", write_result(name, body))
 
 
 # ------------------------------------------------------------------ quality on MiniLM
