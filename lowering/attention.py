@@ -39,7 +39,8 @@ seed: int64 0-dim tensor, required when dropout_p > 0.
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, density: float,
                 pq_subspaces: int, pq_centroids: int, kmeans_iters: int, dropout_p: float,
-                seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0, min_keys: int = 64) -> None:
+                seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0, min_keys: int = 64,
+                select_stride: int = 1) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {tuple(t.shape)}")
@@ -79,6 +80,12 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
         raise ValueError(f"query_tile must be an int >= 0 (0 = per-query selection), got {query_tile}")
     if not (isinstance(min_keys, int) and min_keys >= 1):
         raise ValueError(f"min_keys must be an int >= 1, got {min_keys}")
+    if not (isinstance(select_stride, int) and select_stride >= 1):
+        raise ValueError(f"select_stride must be an int >= 1 (1 = every query of a tile scores keys), "
+                         f"got {select_stride}")
+    if select_stride > 1 and not query_tile:
+        raise ValueError(f"select_stride={select_stride} needs query tiles (query_tile >= 1): per-query selection "
+                         f"(query_tile=0) scores every query")
     if dropout_p > 0:
         if seed is None:
             raise ValueError("seed (int64 0-dim tensor) is required when dropout_p > 0")
@@ -110,7 +117,8 @@ def _use_kernels(q: Tensor) -> bool:
 # explicit schemas: inferred ones would say SymInt where docs/OPS.md says int
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, float density, "
                "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed, "
-               "int min_seq_len=0, int query_tile=0, int min_keys=64) -> (Tensor out, Tensor idx, Tensor lse)")
+               "int min_seq_len=0, int query_tile=0, int min_keys=64, int select_stride=1) "
+               "-> (Tensor out, Tensor idx, Tensor lse)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor idx, Tensor? mask, "
                "bool is_causal, float scale, float dropout_p, Tensor? seed, bool mask_grad=False, int min_seq_len=0, "
                "int query_tile=0) "
@@ -121,12 +129,12 @@ _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor l
 def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                            density: float, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
                            dropout_p: float, seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0,
-                           min_keys: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+                           min_keys: int = 64, select_stride: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len, query_tile, min_keys)
+                min_seq_len, query_tile, min_keys, select_stride)
     if query_tile:
         return _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters,
-                              dropout_p, seed, min_seq_len, query_tile, min_keys)
+                              dropout_p, seed, min_seq_len, query_tile, min_keys, select_stride)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     L = ref.num_kept(nk, density)
@@ -168,7 +176,7 @@ def _tiled_kernels(q: Tensor, v: Tensor) -> bool:
 
 
 def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p,
-                   seed, min_seq_len, tile, min_keys):
+                   seed, min_seq_len, tile, min_keys, stride):
     """Query-tile mode (docs/OPS.md "query tiles"): PQ + tile selection + attention, in the Triton tile kernels
     where _tiled_kernels says so, else in the plain-PyTorch stages."""
     from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
@@ -179,10 +187,10 @@ def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_ce
         from spt_compile.kernels.pq import pq_quantize
         codebooks, codes = pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
         idx = select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys,
-                           attention_tile_slots(nq, nk, density, min_keys, is_causal))
+                           attention_tile_slots(nq, nk, density, min_keys, is_causal), stride=stride)
     else:  # the plain selection, or exact mode's key lists (plain torch on every device, no PQ, as per query)
         idx = tiled_select(q, k, mask, is_causal, scale, density, tile, min_keys, pq_subspaces, pq_centroids,
-                           kmeans_iters, min_seq_len)  # [B, H, ceil(Nq/T), L_max]
+                           kmeans_iters, min_seq_len, stride)  # [B, H, ceil(Nq/T), L_max]
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
     if kernels:
         from spt_compile.kernels.attention_tiled_fwd import tiled_attention_forward
@@ -194,9 +202,9 @@ def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_ce
 
 @pq_sparse_attention_op.register_fake
 def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-      min_seq_len=0, query_tile=0, min_keys=64):
+      min_seq_len=0, query_tile=0, min_keys=64, select_stride=1):
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len, query_tile, min_keys)
+                min_seq_len, query_tile, min_keys, select_stride)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     # sizes only: the same shapes whether or not Nk < min_seq_len
@@ -301,8 +309,8 @@ def _backward(ctx, dout, _didx, _dlse):
     dq, dk, dv, dmask = torch.ops.spt.pq_sparse_attention_backward(
         dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed, mask_grad,
         ctx.min_seq_len, ctx.query_tile)
-    # grads for q, k, v and the mask; none for the non-tensor / seed arguments
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 11
+    # grads for q, k, v and the mask; none for the 12 non-tensor / seed arguments
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 12
 
 
 pq_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -345,7 +353,7 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
                         scale: Optional[float] = None, density: float = 0.25, pq_subspaces: int = 8,
                         pq_centroids: int = 16, kmeans_iters: int = 3, dropout_p: float = 0.0,
                         seed: int | Tensor | None = None, min_seq_len: int = 0, query_tile: int = 0,
-                        min_keys: int = 64) -> Tensor:
+                        min_keys: int = 64, select_stride: int = 1) -> Tensor:
     """out [B, H, Nq, Dv] of torch.ops.spt.pq_sparse_attention with SDPA-like defaults.
 
     scale defaults to 1/sqrt(D). With dropout_p > 0 and no seed, a seed is drawn from torch's global RNG
@@ -360,5 +368,6 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
         seed = torch.tensor(seed, dtype=torch.int64)
     out, _idx, _lse = torch.ops.spt.pq_sparse_attention(
         q, k, v, mask, bool(is_causal), float(scale), float(density), int(pq_subspaces), int(pq_centroids),
-        int(kmeans_iters), float(dropout_p), seed, int(min_seq_len), int(query_tile), int(min_keys))
+        int(kmeans_iters), float(dropout_p), seed, int(min_seq_len), int(query_tile), int(min_keys),
+        int(select_stride))
     return out

@@ -1,16 +1,14 @@
-"""The fast plain-PyTorch path of query-tile attention (CPU tensors, and any device without tile kernels).
+"""The fast plain-PyTorch path of query-tile attention (CPU tensors, and any device without tile kernels):
+the attention over the kept keys, forward and backward (the selection is attention_tiled_cpu_select.py).
 
 Same semantics as lowering/reference/tiled_attention.py (the reference and fp64 ground truth); this file only
 changes how the work is laid out, because on CPU the time goes into memory passes, not FLOPs:
 - chunks of query tiles sized to stay in the core's L2 cache (about 2^18 elements per chunk), so the softmax
   passes after each GEMM read cache, not DRAM;
-- scale folded into q (N·D multiplies instead of N·Nk), causal chunks score only the keys they can see;
-- selection: one GEMM of estimated logits, max / exp / sum in place, and the per-query normalisation and the
-  tile sum as one small batched GEMM (w [T] · e [T, Nk]); top-L by one topk over unique int64 keys (mass bits,
-  then lower key first: the reference's stable tie order) instead of a full sort;
+- scale folded into q (N·D multiplies instead of N·Nk);
 - attention: masks are built only when some slot needs one (empty slots, causality, a mask), and the backward
   recomputes P from the saved lse where that is safe (one softmax pass fewer);
-- on CPUs with AMX: the selection's scoring GEMM in bf16 (scoring_dtype), and bf16 inputs keep bf16 GEMM
+- on CPUs with bf16 GEMM units (AMX or AVX512-BF16): bf16 inputs keep bf16 GEMM
   operands (gemm_dtype); logits, softmax and accumulation stay fp32.
 """
 from __future__ import annotations
@@ -20,11 +18,9 @@ import math
 import torch
 from torch import Tensor
 
-from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys
-from spt_compile.lowering.reference.pq_attention import compute_dtype, dropout_keep, reconstruct_keys
+from spt_compile.lowering.reference.pq_attention import compute_dtype, dropout_keep
 from spt_compile.lowering.reference.tiled_attention import (_add_mask_grad, _ds_on_keys, _flat_index, _gather_mask,
-                                                            _gather_rows, _tile_any, _trim, query_allowed,
-                                                            tile_chunk)
+                                                            _gather_rows, _trim, tile_chunk)
 
 _CACHE_ELEMS = 1 << 18  # elements of a chunk's largest transient: ~1 MB fp32, inside a core's L2
 
@@ -34,13 +30,14 @@ def _chunk_tiles(n_tiles: int, elems_per_tile: int, chunk: int | None) -> int:
 
 
 def scoring_dtype(q: Tensor) -> torch.dtype:
-    """dtype of the selection's estimated-logit GEMM. bf16 on CPUs with AMX tiles (about 6x the fp32 GEMM
-    rate there): the logits only rank keys, and bf16 inputs (8 mantissa bits) move a logit by ~0.4%, which
+    """dtype of the selection's estimated-logit GEMM. bf16 on CPUs with bf16 GEMM units (AMX tiles: ~6x the
+    fp32 GEMM rate, measured on a Xeon; AVX512-BF16: 2.6x, measured on an EPYC, [8, 1024, 64] x [64, 4096]):
+    the logits only rank keys, and bf16 inputs (8 mantissa bits) move a logit by ~0.4%, which
     tests/lowering/test_attention_tiled_cpu.py bounds as lost attention mass. fp32 elsewhere (a CPU without
     bf16 units would emulate it slowly); fp64 inputs (the ground-truth mode) score in fp64."""
     if q.dtype == torch.float64:
         return torch.float64
-    if q.device.type == "cpu" and BF16_SCORING and _has_amx():
+    if q.device.type == "cpu" and BF16_SCORING and _has_bf16_gemm():
         return torch.bfloat16
     return torch.float32
 
@@ -49,91 +46,17 @@ BF16_SCORING = True  # tests switch it off to compare the selection bit for bit 
 
 
 def gemm_dtype(q: Tensor) -> torch.dtype:
-    """Operand dtype of the attention GEMMs: bf16 inputs stay bf16 on CPUs with AMX (as SDPA's CPU kernel
+    """Operand dtype of the attention GEMMs: bf16 inputs stay bf16 on CPUs with bf16 GEMM units (as SDPA's CPU kernel
     does; products accumulate in fp32, logits and softmax are fp32); everything else runs in compute_dtype."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and BF16_SCORING and _has_amx():
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and BF16_SCORING and _has_bf16_gemm():
         return torch.bfloat16
     return compute_dtype(q.dtype)
 
 
-def _has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
-
-
-def _padded_rows(x: Tensor, rows: int) -> Tensor:
-    """[B, H, N, X] -> [B, H, rows, X] (rows >= N), zero padded: whole tiles, no short-tile special case."""
-    n = x.shape[2]
-    if n == rows:
-        return x
-    return torch.cat([x, x.new_zeros(x.shape[:2] + (rows - n, x.shape[3]))], 2)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# selection
-# ----------------------------------------------------------------------------------------------------------
-
-def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                 tile: int, density: float, min_keys: int, L: int, *, chunk: int | None = None) -> Tensor:
-    """idx [B, H, ceil(Nq/T), L] int32, as reference.tiled_attention.select_tiles (same tie order)."""
-    b, h, nq, d = q.shape
-    hkv, nk = codes.shape[1], codes.shape[2]
-    grp = h // hkv
-    nt = attention_num_tiles(nq, tile)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    gdt = scoring_dtype(q)
-    khat_t = reconstruct_keys(codebooks, codes).to(gdt).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Nk]
-    qs = _padded_rows((q.to(cdt) * scale).to(gdt), nt * tile).reshape(b, hkv, grp, nt * tile, d)  # [B,Hkv,g,Nq',D]
-    idx = torch.full((b, h, nt, L), -1, dtype=torch.int32, device=q.device)
-    step = _chunk_tiles(nt, b * h * tile * nk, chunk)
-    for t0 in range(0, nt, step):
-        t1 = min(nt, t0 + step)
-        i0, i1 = t0 * tile, min(nq, t1 * tile)
-        kmax = min(nk, i1) if is_causal else nk  # top-left causal: no query of the chunk sees key >= i1
-        mass, union, sizing = _tile_mass(qs[:, :, :, i0:t1 * tile], khat_t[..., :kmax], mask, is_causal,
-                                         i0, i1, tile, nk, b, h, cdt)
-        l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H, c]
-        idx[:, :, t0:t1] = _top_lists(mass, union, l_tile, L)
-    return idx
-
-
-def _tile_mass(qs_c: Tensor, khat_t: Tensor, mask: Tensor | None, is_causal: bool, i0: int, i1: int, tile: int,
-               nk: int, b: int, h: int, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(mass [B, H, c, K], union [B, H, c, K] bool, sizing [B, H, c]) of one chunk of c tiles over the first K
-    keys: mass = sum over the tile's queries of each query's softmax of the estimated logits."""
-    rows, kmax = qs_c.shape[3], khat_t.shape[-1]
-    c = rows // tile
-    s = (qs_c @ khat_t).reshape(b, h, rows, kmax).to(cdt)  # [B, H, rows, K] estimated logits (scale in q)
-    mask = None if mask is None else mask[..., :kmax]  # causal chunks: keys >= K are not allowed anyway
-    allowed, bias = query_allowed(mask, is_causal, i0, i1, kmax, s.dtype, s.device)
-    if allowed is not None:
-        allowed = _rows_padded(allowed, rows)
-    if bias is not None:
-        bias = _rows_padded(bias, rows)
-        s += bias
-    if allowed is not None:
-        s.masked_fill_(~allowed, float("-inf"))
-    mx = s.amax(-1, keepdim=True)
-    s.sub_(torch.where(torch.isfinite(mx), mx, 0.0)).exp_()  # e = exp(s - max); 0 where not allowed
-    den = s.sum(-1)  # [B, H, rows]
-    w = torch.where(den > 0, 1.0 / den, 0.0)
-    if i1 < i0 + rows:
-        w[:, :, i1 - i0:] = 0.0  # the zero-padded rows of a short last tile add nothing
-    mass = (w.reshape(b, h, c, 1, tile) @ s.reshape(b, h, c, tile, kmax)).reshape(b, h, c, kmax)
-    if allowed is None:
-        union = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=s.device).expand(b, h, c, kmax)
-        sizing = torch.full((b, h, c), nk, dtype=torch.int64, device=s.device)
-        return mass, union, sizing
-    if i1 < i0 + rows:
-        allowed = allowed.clone()
-        allowed[:, :, i1 - i0:] = False
-    union = _tile_any(allowed, c, tile).expand(b, h, c, kmax)
-    if mask is None:  # causal only: nothing is padding, the sizing count is the union's
-        sizing = union.sum(-1)
-    else:
-        strict, _ = query_allowed(mask, is_causal, i0, i1, kmax, s.dtype, s.device, padding_too=False)
-        sizing = _tile_any(strict, c, tile).sum(-1).expand(b, h, c)
-    return mass, union, sizing
+def _has_bf16_gemm() -> bool:
+    """AMX tiles or AVX512-BF16 dot products: bf16 GEMMs run faster than fp32 ones (oneDNN uses either)."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def _rows_padded(x: Tensor, rows: int) -> Tensor:
@@ -145,29 +68,12 @@ def _rows_padded(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, x[:, :, -1:].expand(x.shape[0], x.shape[1], rows - x.shape[2], x.shape[3])], 2)
 
 
-def _top_lists(mass: Tensor, union: Tensor, l_tile: Tensor, L: int) -> Tensor:
-    """[B, H, c, L] int32: per tile the first l_tile keys by (mass desc, key asc) among union, ascending, -1 after."""
-    kmax = mass.shape[-1]
-    kk = min(L, kmax, int(l_tile.max()) if l_tile.numel() else 0)
-    out = torch.full(mass.shape[:3] + (L,), -1, dtype=torch.int32, device=mass.device)
-    if kk == 0:
-        return out
-    # unique sort keys: masses are >= 0, so their fp32 bits order like the values; -1 marks keys outside the union
-    if mass.dtype == torch.float64:  # fp64 bits do not fit beside the key: the reference's stable sort
-        top = torch.sort(mass.masked_fill(~union, -1.0), dim=-1, descending=True, stable=True).indices[..., :kk]
-        return _ascending(top, l_tile, out, kk)
-    bits = mass.view(torch.int32).to(torch.int64).masked_fill_(~union, -1)
-    keys = bits * kmax + (kmax - 1 - torch.arange(kmax, device=mass.device))
-    top = (kmax - 1 - keys.topk(kk, dim=-1, sorted=True).values % kmax)  # [B, H, c, kk], by mass
-    return _ascending(top, l_tile, out, kk)
-
-
-def _ascending(top: Tensor, l_tile: Tensor, out: Tensor, kk: int) -> Tensor:
-    """Write the first l_tile keys of each row of top (ranked by mass) into out ascending, -1 after."""
-    big = torch.iinfo(torch.int64).max
-    top = top.masked_fill(torch.arange(kk, device=top.device) >= l_tile[..., None], big).sort(-1).values
-    out[..., :kk] = torch.where(top == big, -1, top).to(torch.int32)
-    return out
+def _padded_rows(x: Tensor, rows: int) -> Tensor:
+    """[B, H, N, X] -> [B, H, rows, X] (rows >= N), zero padded: whole tiles, no short-tile special case."""
+    n = x.shape[2]
+    if n == rows:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[:2] + (rows - n, x.shape[3]))], 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,11 +81,19 @@ def _ascending(top: Tensor, l_tile: Tensor, out: Tensor, kk: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 def _slot_ok(idx_c: Tensor, mask: Tensor | None, is_causal: bool, i0: int, i1: int, tile: int,
-             cdt: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """(ok, bias) for the chunk's [B, H, c, T, L'] logits; ok None when every slot of every row is allowed
-    (full lists, no causality, no mask, no padded rows: the common bidirectional case builds nothing)."""
+             cdt: torch.dtype) -> tuple[Tensor | None, Tensor | None, int]:
+    """(ok, bias, w0) for the chunk's [B, H, c, T, L'] logits: ok covers slots w0 .. L' - 1 (every slot before
+    w0 is allowed for every row), None when every slot of every row is allowed (full lists, no causality, no
+    mask, no padded rows: the common bidirectional case builds nothing)."""
     b, h, c, L = idx_c.shape
     rows = torch.arange(i0, i0 + c * tile, device=idx_c.device).reshape(c, tile)  # [c, T] query positions
+    w0 = 0
+    if mask is None and is_causal:
+        # lists are ascending with -1 after: only the tail slots (a key of the tile's own block, or empty) need
+        # a mask; its length is about T plus the chunk's spread of L_tile, not L'
+        before = ((idx_c >= 0) & (idx_c < rows[:, :1].to(idx_c.dtype))).sum(-1)  # [B, H, c]
+        w0 = int(before.min())
+        idx_c = idx_c[..., w0:]
     ok = None
     if bool((idx_c < 0).any()):
         ok = (idx_c >= 0)[:, :, :, None, :]
@@ -199,16 +113,16 @@ def _slot_ok(idx_c: Tensor, mask: Tensor | None, is_causal: bool, i0: int, i1: i
             finite = torch.isfinite(got)
             ok = finite if ok is None else ok & finite
             bias = torch.where(finite, got.to(cdt).clamp(fin.min, fin.max), 0.0)
-    return ok, bias
+    return ok, bias, w0
 
 
-def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None, cdt: torch.dtype) -> Tensor:
-    """s [B, H, c, T, L'] cdt = q_t.kg (q_t pre-scaled) + bias, -inf where not ok."""
+def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None, w0: int, cdt: torch.dtype) -> Tensor:
+    """s [B, H, c, T, L'] cdt = q_t.kg (q_t pre-scaled) + bias, -inf where not ok (ok covers slots w0 ..)."""
     s = (q_t @ kg.transpose(-1, -2)).to(cdt)
     if bias is not None:
         s += bias
     if ok is not None:
-        s.masked_fill_(~ok, float("-inf"))
+        s[..., w0:].masked_fill_(~ok, float("-inf"))
     return s
 
 
@@ -244,8 +158,8 @@ def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: 
         i0, i1, c = t0 * tile, min(nq, t1 * tile), t1 - t0
         idx_c = _trim(idx[:, :, t0:t1])
         kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
-        ok, bias = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        e, mx = _exp_rows(_logits(_tiles(qs, i0, c, tile), kg, ok, bias, cdt))  # [B, H, c, T, L']
+        ok, bias, w0 = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
+        e, mx = _exp_rows(_logits(_tiles(qs, i0, c, tile), kg, ok, bias, w0, cdt))  # [B, H, c, T, L']
         den = e.sum(-1, keepdim=True)
         lse[:, :, i0:i1] = (mx + torch.log(den)).reshape(b, h, c * tile)[:, :, :i1 - i0]
         if keep is not None:
@@ -295,8 +209,8 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         idx_c = _trim(idx[:, :, t0:t1])
         kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
         q_t, do_t = _tiles(qs, i0, c, tile), _tiles(do, i0, c, tile)
-        ok, bias = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        s = _logits(q_t, kg, ok, bias, cdt)  # [B, H, c, T, L']
+        ok, bias, w0 = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
+        s = _logits(q_t, kg, ok, bias, w0, cdt)  # [B, H, c, T, L']
         if own_max:
             p, _ = _exp_rows(s)
             p /= torch.where((den := p.sum(-1, keepdim=True)) > 0, den, 1.0)

@@ -56,6 +56,14 @@ def attention_tile_is_exact(nq: int, nk: int, density: float, min_keys: int, is_
     return nk < min_seq_len or attention_tile_slots(nq, nk, density, min_keys, is_causal) >= visible
 
 
+def attention_scored_row(local, rows_in_tile, stride: int):
+    """Whether query `local` (0-based within its tile of `rows_in_tile` real queries) scores keys in the
+    selection: every stride-th query counted back from the tile's last one (stride 1: all of them). The last
+    query is always scored: under causality it sees every key some query of the tile sees, so no key the tile
+    may attend to is left without an estimate. Works elementwise on int tensors (the selection's row masks)."""
+    return (rows_in_tile - 1 - local) % stride == 0
+
+
 def attention_num_tiles(nq: int, tile: int) -> int:
     """ceil(Nq / T): query tiles of T consecutive positions, the last one possibly short."""
     return -(-nq // tile)

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 # CPU speed / MiniLM quality measurements (bench/attention_tiles.py).
 DEFAULT_ATTENTION_QUERY_TILE = 64
 DEFAULT_ATTENTION_MIN_KEYS = 64
+# every s-th query of a tile scores keys in the selection (README "query tiles": MiniLM cosine and CPU time per s)
+DEFAULT_ATTENTION_SELECT_STRIDE = 4
 
 _ROUTERS = ("lowrank", "oracle")
 _INNER_BACKENDS = ("inductor", "aot_eager")
@@ -30,6 +32,10 @@ OPTION_DOCS = {
     "attention_min_keys": "L_min: no query tile keeps fewer keys than this (unless it may see fewer), so early causal "
                           "tiles do not starve; only with attention_query_tile >= 1; min_seq_len still decides "
                           f"whether a site is sparse at all, an integer >= 1 (default {DEFAULT_ATTENTION_MIN_KEYS})",
+    "attention_select_stride": "s: only every s-th query of a tile (counted back from its last) scores keys when the "
+                               "tile's list is chosen, dividing the selection's N x N work by s; every query still "
+                               "attends exactly over the list; 1 = all queries score; only with attention_query_tile "
+                               f">= 1 (capped at T), an integer >= 1 (default {DEFAULT_ATTENTION_SELECT_STRIDE})",
     "pq_subspaces": "PQ sub-spaces per head (M); must divide the head dim, else the largest divisor <= M is used and reported (default 8)",
     "pq_centroids": "k-means centroids per sub-space (C), 2..256 (default 16)",
     "pq_kmeans_iters": "Lloyd iterations when fitting the key codebooks, 0..20 (default 3)",
@@ -52,6 +58,7 @@ class SptOptions:
     attention_density: float = 0.25
     attention_query_tile: int = DEFAULT_ATTENTION_QUERY_TILE
     attention_min_keys: int = DEFAULT_ATTENTION_MIN_KEYS
+    attention_select_stride: int = DEFAULT_ATTENTION_SELECT_STRIDE
     pq_subspaces: int = 8
     pq_centroids: int = 16
     pq_kmeans_iters: int = 3
@@ -71,6 +78,7 @@ class SptOptions:
         _check_int("attention_query_tile", self.attention_query_tile, 0, None,
                    "(queries per tile sharing one key list; 0 = per-query op with L = ceil(density * Nk))")
         _check_int("attention_min_keys", self.attention_min_keys, 1, None)
+        _check_int("attention_select_stride", self.attention_select_stride, 1, None)
         _check_int("pq_subspaces", self.pq_subspaces, 1, 1024)
         _check_int("pq_centroids", self.pq_centroids, 2, 256)
         _check_int("pq_kmeans_iters", self.pq_kmeans_iters, 0, 20)

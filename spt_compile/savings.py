@@ -16,7 +16,8 @@ attention (per site; s = bytes per element of q, B batch, H query heads, Hkv kv 
             rows_t · L_tile(min(Nk, end_t)) with L_tile from lowering/formulas.py: the (query, slot) pairs the
             tiled op computes (exact for T = 1; for T > 1 it includes the tile's diagonal block).
 - spt overhead FLOPs (no dense counterpart): PQ k-means and codes 2·B·Hkv·Nk·C·D·(iters+1), query lookup
-  tables 2·B·H·Nq·C·D, code scores B·H·Nq·Nk·M, and the backward's score recompute 2·B·H·pairs·D.
+  tables 2·B·H·Nq·C·D, code scores B·H·(Nq/σ)·Nk·M (query tiles: only every σ-th query scores, the op's
+  select_stride), and the backward's score recompute 2·B·H·pairs·D.
   Exact mode (every key kept) has no PQ.
 ffn (n tokens, width d → H_ff → d_out, g = 1 when gated, E blocks, k kept per token, router rank r)
 - FLOPs forward + backward (3x the forward GEMMs): dense 6·n·(d·H_ff·(1+g) + H_ff·d_out); spt the same × k/E.
@@ -42,6 +43,7 @@ import sympy as sp
 B, H, HKV, NQ, NK, D, DV, L, TQ, S = sp.symbols("B H H_kv N_q N_k D D_v L T s", positive=True, integer=True)
 PAIRS = sp.Symbol("P", positive=True, integer=True)     # causal query tiles: Σ_t rows_t·L_tile (tile_pairs)
 C, M, ITERS = sp.symbols("C M iters", positive=True, integer=True)
+SIGMA = sp.Symbol("sigma", positive=True, integer=True)  # select_stride: every σ-th query of a tile scores keys
 N = sp.Symbol("N", positive=True, integer=True)          # the sequence length when Nq == Nk (self-attention)
 # ffn symbols
 NTOK, DM, DOUT, HFF, E, K, R = sp.symbols("n d d_out H_ff E k r", positive=True, integer=True)
@@ -96,6 +98,7 @@ class AttentionSizes:
     spelling: str = "eager"        # the dense spelling: "eager" saves P, "sdpa" saves out + lse
     query_tile: int = 0            # T: queries sharing one key list (0 = the per-query op, docs/OPS.md)
     min_keys: int = 64             # L_min of the tile formula (T >= 1 only)
+    select_stride: int = 1         # σ: every σ-th query of a tile scores keys (T >= 1 only)
     density: float | None = None   # needed for causal tiles only (their lists differ: tile_pairs)
     subspaces: int = 8
     centroids: int = 16
@@ -129,7 +132,8 @@ def attention_estimates(z: AttentionSizes) -> list[Estimate]:
     self_attn = z.nq == z.nk
     nq, nk = (N, N) if self_attn else (NQ, NK)
     values = {B: z.batch, H: z.heads, HKV: z.kv_heads, D: z.head_dim, DV: z.v_dim, S: z.elem_bytes,
-              L: z.keys_kept, TQ: max(1, z.query_tile), C: z.centroids, M: z.subspaces, ITERS: z.kmeans_iters}
+              L: z.keys_kept, TQ: max(1, z.query_tile), C: z.centroids, M: z.subspaces, ITERS: z.kmeans_iters,
+              SIGMA: z.select_stride}
     if z.query_tile and z.is_causal and not z.exact:
         if z.density is None:
             raise ValueError("AttentionSizes.density is required for causal query tiles (T >= 1)")
@@ -146,7 +150,7 @@ def attention_estimates(z: AttentionSizes) -> list[Estimate]:
     dense_pairs = nq * nk
     flops = lambda p: 6 * B * H * p * (D + DV)  # noqa: E731 - 2 GEMMs forward, 4 backward
     selection = 0 if z.exact else (2 * B * HKV * nk * C * D * (ITERS + 1) + 2 * B * H * nq * C * D
-                                   + B * H * nq * nk * M)
+                                   + B * H * nq / SIGMA * nk * M)
     overhead = selection + 2 * B * H * pairs * D
     return [
         Estimate("attention saved for backward", "B", dense_bytes, spt_bytes, values),
@@ -213,7 +217,8 @@ def attention_sizes_from_op(op: dict[str, Any], plan: dict[str, Any], spelling: 
         batch=batch, heads=heads, kv_heads=k["shape"][1], nq=nq, nk=nk, head_dim=head_dim, v_dim=v["shape"][3],
         elem_bytes=q["itemsize"], keys_kept=keys, exact=exact, is_causal=bool(op["is_causal"]),
         dropout=float(op.get("dropout_p", 0.0)) > 0, spelling="sdpa" if spelling == "sdpa" else "eager",
-        query_tile=tile, min_keys=min_keys, density=float(op["density"]), subspaces=int(op["pq_subspaces"]),
+        query_tile=tile, min_keys=min_keys, select_stride=int(op.get("select_stride", 1)),
+        density=float(op["density"]), subspaces=int(op["pq_subspaces"]),
         centroids=int(op["pq_centroids"]), kmeans_iters=int(op["kmeans_iters"]))
 
 

@@ -5,8 +5,10 @@ Semantics (docs/OPS.md, "query tiles"):
 2. A tile may see the keys some query of it may attend to (mask allows: bool True / finite bias; causal j <= i).
    For sizing only, a padding bias <= finfo(dtype).min / 2 counts as not allowed:
    L_tile = lowering.formulas.attention_tile_keys(allowed_tile, density, min_keys).
-3. Estimated mass of key j for the tile = sum over its queries i of softmax_j over i's allowed keys of the
-   estimated logits scale * q_i.k^_j + bias_ij (k^ the PQ reconstruction). The tile keeps its top L_tile keys
+3. Estimated mass of key j for the tile = sum over its scored queries i of softmax_j over i's allowed keys of
+   the estimated logits scale * q_i.k^_j + bias_ij (k^ the PQ reconstruction); the scored queries are every
+   select_stride-th one counted back from the tile's last (lowering.formulas.attention_scored_row; stride 1:
+   all of them), the other queries still attend. The tile keeps its top L_tile keys
    by that mass (ties: lower key first), listed ascending, then -1 up to L_max
    (lowering.formulas.attention_tile_slots, shapes only).
 4. Each query attends exactly (softmax of scale * q.k + bias) over its tile's kept keys that it may attend to;
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys
+from spt_compile.lowering.formulas import attention_num_tiles, attention_scored_row, attention_tile_keys
 from spt_compile.lowering.reference.pq_attention import (_add_mask_grad, _slot_softmax, compute_dtype,
                                                          dropout_keep, reconstruct_keys)
 
@@ -63,6 +65,13 @@ def query_allowed(mask: Tensor | None, is_causal: bool, i0: int, i1: int, nk: in
         causal = torch.arange(nk, device=device)[None, :] <= torch.arange(i0, i1, device=device)[:, None]
         allowed = causal if allowed is None else allowed & causal
     return allowed, bias
+
+
+def scored_rows(i0: int, i1: int, nq: int, tile: int, stride: int, device: torch.device) -> Tensor:
+    """[i1 - i0] bool: which query positions i0 .. i1 - 1 (i0 at a tile start) score keys in the selection."""
+    pos = torch.arange(i0, i1, device=device)
+    start = pos - pos % tile
+    return attention_scored_row(pos - start, torch.clamp(nq - start, max=tile), stride)
 
 
 def _tile_view(x: Tensor, c: int, tile: int) -> Tensor:
@@ -119,8 +128,10 @@ def tile_allowed_indices(mask: Tensor | None, is_causal: bool, shape: tuple[int,
 
 
 def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                 tile: int, density: float, min_keys: int, L: int, *, chunk: int | None = None) -> Tensor:
-    """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by summed per-query-normalised PQ mass."""
+                 tile: int, density: float, min_keys: int, L: int, *, stride: int = 1,
+                 chunk: int | None = None) -> Tensor:
+    """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by the per-query-normalised PQ mass summed
+    over the tile's scored queries (every stride-th, counted back from its last)."""
     b, h, nq, d = q.shape
     hkv, nk = codes.shape[1], codes.shape[2]
     grp = h // hkv
@@ -138,7 +149,8 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
             s = s + bias
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        mass = _tile_view(_slot_softmax(s), c, tile).sum(3)  # [B, H, c, Nk]: per-query softmax, summed
+        scored = scored_rows(i0, i1, nq, tile, stride, q.device).to(s.dtype)[:, None]  # [rows, 1] 0/1
+        mass = _tile_view(_slot_softmax(s) * scored, c, tile).sum(3)  # [B, H, c, Nk]: per-query softmax, summed
         del s
         if allowed is None:
             union = torch.ones((b, h, c, nk), dtype=torch.bool, device=q.device)

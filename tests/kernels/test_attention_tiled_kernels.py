@@ -64,9 +64,10 @@ def problem(b, hkv, grp, nq, nk, d, dv, tile, kind, dtype, seed, full_row):
 # selection
 # ------------------------------------------------------------------------------------------------
 
-def mass64(q, cb, codes, mask, causal, scale, tile):
+def mass64(q, cb, codes, mask, causal, scale, tile, stride=1):
     """fp64 tile mass [B, H, nT, Nk] (independent of the reference): per-query softmax over its allowed keys of
-    scale * q.k^ + bias, summed over the tile's queries; -1 where no query of the tile may attend."""
+    scale * q.k^ + bias, summed over the tile's scored queries (from its last query back in steps of stride);
+    -1 where no query of the tile may attend."""
     b, h, nq, _ = q.shape
     khat = ref.reconstruct_keys(cb, codes).double()
     nk = khat.shape[2]
@@ -78,6 +79,10 @@ def mass64(q, cb, codes, mask, causal, scale, tile):
     s = s.masked_fill(~ok, -math.inf)
     p = torch.softmax(s.masked_fill(~ok.any(-1, keepdim=True), 0.0), -1) * ok
     nt = attention_num_tiles(nq, tile)
+    scored = torch.zeros(nq, dtype=torch.float64)
+    for t in range(nt):
+        scored[list(range(min(nq, (t + 1) * tile) - 1, t * tile - 1, -stride))] = 1.0
+    p = p * scored[:, None]
     pad = nt * tile - nq
     p = torch.cat([p, p.new_zeros(b, h, pad, nk)], 2).reshape(b, h, nt, tile, nk)
     okt = torch.cat([ok, ok.new_zeros(b, h, pad, nk)], 2).reshape(b, h, nt, tile, nk).any(3)
@@ -95,16 +100,17 @@ def kept_mass(m, idx):
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), grp=st.integers(1, 2), nq=st.integers(1, 70),
        nk=st.integers(2, 70), d=st.sampled_from([32, 64]),
        density=st.floats(0.05, 0.6), min_keys=st.integers(1, 12), kind=st.sampled_from(MASKS),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), full_row=st.booleans(), seed=st.integers(0, 99))
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), full_row=st.booleans(), seed=st.integers(0, 99),
+       stride=st.sampled_from([1, 3]))
 def test_select_tiles_vs_reference_and_fp64(b, hkv, grp, nq, nk, d, tile, density, min_keys, kind, dtype, full_row,
-                                            seed):
+                                            seed, stride):
     g, q, k, _, mask, causal = problem(b, hkv, grp, nq, nk, d, 16, tile, kind, dtype, seed, full_row)
     nq = q.shape[2]
     cb, codes = ref.pq_quantize(k, d // 16, 8, 2)
     scale = d ** -0.5
     L = attention_tile_slots(nq, nk, density, min_keys, causal)
-    idx = ksel.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L)
-    ridx = ta.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L)
+    idx = ksel.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride)
+    ridx = ta.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride)
     nt = attention_num_tiles(nq, tile)
     assert idx.shape == (b, q.shape[1], nt, L) and idx.dtype == torch.int32
     # the reference's L_tile per tile, valid slots first, ascending (so distinct), only keys some query may see
@@ -112,7 +118,7 @@ def test_select_tiles_vs_reference_and_fp64(b, hkv, grp, nq, nk, d, tile, densit
     assert torch.equal(n, (ridx >= 0).sum(-1))
     assert torch.equal(idx >= 0, torch.arange(L) < n[..., None])
     assert bool(((idx[..., 1:] > idx[..., :-1]) | (idx[..., 1:] < 0)).all())
-    m64 = mass64(q, cb, codes, mask, causal, scale, tile)
+    m64 = mass64(q, cb, codes, mask, causal, scale, tile, stride)
     got, got_sum = kept_mass(m64, idx)
     want, want_sum = kept_mass(m64, ridx)
     assert bool((got[torch.isfinite(got)] >= 0).all()), "a kept key no query of the tile may attend to"

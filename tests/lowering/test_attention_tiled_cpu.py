@@ -1,7 +1,7 @@
-"""The fast CPU path of query-tile attention (lowering/attention_tiled_cpu.py), beyond the shared ground-truth
+"""The fast CPU path of query-tile attention (lowering/attention_tiled_cpu{_select}.py), beyond the shared ground-truth
 tests in test_attention_tiles.py (which run it as impl "cpu"):
 - its selection keeps the same attention mass as the reference's (fp32 scoring: equal up to rounding ties);
-- bf16 scoring (CPUs with AMX) loses at most 0.1% of the tile's estimated mass against an fp64 top-L;
+- bf16 scoring (CPUs with bf16 GEMM units) loses at most 0.1% of the tile's estimated mass against an fp64 top-L;
 - the scoring dtype rule.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from spt_compile.lowering import attention_tiled_cpu as fast
+from spt_compile.lowering import attention_tiled_cpu_select as fast_select
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
@@ -49,7 +50,7 @@ def cases(draw):
     n = draw(st.integers(2, 160))
     return dict(n=n, tile=tile, causal=draw(st.booleans()), hkv=draw(st.sampled_from([1, 2])),
                 grp=draw(st.sampled_from([1, 2])), pad=draw(st.booleans()), density=draw(st.sampled_from([0.125, 0.25])),
-                seed=draw(st.integers(0, 2 ** 16)))
+                seed=draw(st.integers(0, 2 ** 16)), stride=draw(st.sampled_from([1, 2, 3])))
 
 
 def setup(c, d=32):
@@ -73,8 +74,9 @@ def test_fp32_selection_keeps_the_reference_mass(c):
     scale = q.shape[-1] ** -0.5
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fast, "BF16_SCORING", False)
-        got = fast.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
-    want = ta.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
+        got = fast_select.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L,
+                                       stride=c["stride"])
+    want = ta.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L, stride=c["stride"])
     assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1)), "L_tile per tile"
     mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"])
     a, b = kept_mass(mass, got), kept_mass(mass, want)
@@ -89,8 +91,8 @@ def test_bf16_scoring_loses_at_most_a_tenth_of_a_percent_of_the_mass(c):
     scale = q.shape[-1] ** -0.5
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fast, "BF16_SCORING", True)
-        mp.setattr(fast, "_has_amx", lambda: True)  # bf16 scoring even on a CPU without AMX (slow, same values)
-        got = fast.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
+        mp.setattr(fast, "_has_bf16_gemm", lambda: True)  # bf16 scoring even on a CPU without bf16 units (slow, same values)
+        got = fast_select.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L)
     mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"])
     n_kept = (got >= 0).sum(-1, keepdim=True)  # [B, H, nT, 1]
     best = mass.sort(-1, descending=True).values
@@ -126,12 +128,12 @@ def test_rows_with_no_allowed_key_give_zeros_and_finite_gradients(dtype, kind):
 def test_scoring_dtype_rule(monkeypatch):
     q32, q64 = torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8, dtype=torch.float64)
     assert fast.scoring_dtype(q64) == torch.float64
-    monkeypatch.setattr(fast, "_has_amx", lambda: True)
+    monkeypatch.setattr(fast, "_has_bf16_gemm", lambda: True)
     assert fast.scoring_dtype(q32) == torch.bfloat16
     assert fast.scoring_dtype(q32.bfloat16()) == torch.bfloat16
-    monkeypatch.setattr(fast, "_has_amx", lambda: False)
+    monkeypatch.setattr(fast, "_has_bf16_gemm", lambda: False)
     assert fast.scoring_dtype(q32) == torch.float32
-    monkeypatch.setattr(fast, "_has_amx", lambda: True)
+    monkeypatch.setattr(fast, "_has_bf16_gemm", lambda: True)
     monkeypatch.setattr(fast, "BF16_SCORING", False)
     assert fast.scoring_dtype(q32) == torch.float32
 
@@ -140,4 +142,4 @@ def test_chunk_argument_is_checked():
     q = torch.randn(1, 1, 8, 8)
     cb, codes = ref.pq_quantize(q, 2, 2, 1)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
-        fast.select_tiles(q, cb, codes, None, False, 1.0, 4, 0.5, 1, 4, chunk=0)
+        fast_select.select_tiles(q, cb, codes, None, False, 1.0, 4, 0.5, 1, 4, chunk=0)

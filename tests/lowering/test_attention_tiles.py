@@ -1,23 +1,27 @@
 """Query-tile sparse attention against fp64 ground truths: the reference (lowering/reference/tiled_attention.py)
-and the fast CPU path (lowering/attention_tiled_cpu.py) pass the same tests (the `impl` parameter).
+and the fast CPU path (lowering/attention_tiled_cpu_select.py + attention_tiled_cpu.py) pass the same tests (the
+`impl` parameter).
 
 - attention over a tiled idx: forward and every gradient (q, k, v, a trainable mask) equal autograd through a
   dense fp64 formulation in which query i sees exactly its tile's kept keys that it may attend to; dropout is
   replayed through the same per-slot keep mask;
 - exact mode (every key of the tile's union) equals SDPA / eager, incl. fully masked rows;
 - selection: each tile keeps L_tile keys (the formula of lowering/formulas.py), distinct, ascending, allowed,
-  and the top ones by an independently computed fp64 per-query-normalised PQ mass.
+  and the top ones by an independently computed fp64 per-query-normalised PQ mass over the scored queries
+  (select_stride 1, 2, 3: every stride-th query counted back from the tile's last).
 T in {1, 16, 64, 5 (not a power of two)}, N not a multiple of T, every mask kind, causal, GQA, fp32/bf16.
 """
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from spt_compile.lowering import attention_tiled_cpu as fast
+from spt_compile.lowering import attention_tiled_cpu_select as fast_select
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
@@ -25,7 +29,9 @@ from spt_compile.lowering.reference import tiled_attention as ta
 TILES = (1, 5, 16, 64)
 MASKS = ("none", "causal", "bool", "pad_inf", "pad_finfo_min", "bias", "bias_causal")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-IMPLS = {"reference": ta, "cpu": fast}
+IMPLS = {"reference": ta, "cpu": types.SimpleNamespace(
+    select_tiles=fast_select.select_tiles, tiled_attention_forward=fast.tiled_attention_forward,
+    tiled_attention_backward=fast.tiled_attention_backward)}
 
 
 def build_mask(kind, b, h, nq, nk, dtype, g, full_row):
@@ -96,7 +102,19 @@ def cases(draw):
     return dict(b=draw(st.integers(1, 2)), hkv=hkv, h=hkv * grp, nq=nq, nk=nk, d=draw(st.sampled_from([8, 16])),
                 tile=tile, kind=draw(st.sampled_from(MASKS)), full_row=draw(st.booleans()),
                 density=draw(st.sampled_from([0.125, 0.25, 0.5, 1.0])), min_keys=draw(st.sampled_from([1, 4, 64])),
-                dropout=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)))
+                dropout=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)),
+                stride=draw(st.sampled_from([1, 1, 2, 3])))
+
+
+def scored_weights(nq, tile, stride):
+    """[nT * T] 0/1: the queries that score, written out independently of lowering.formulas: from each tile's
+    last query back in steps of stride."""
+    nt = attention_num_tiles(nq, tile)
+    w = torch.zeros(nt * tile, dtype=torch.float64)
+    for j in range(nt):
+        for i in range(min(nq, (j + 1) * tile) - 1, j * tile - 1, -stride):
+            w[i] = 1.0
+    return w
 
 
 def setup(c, dtype=torch.float64):
@@ -114,7 +132,8 @@ def select(q, k, mask, causal, c, scale, impl=ta):
     if c["density"] >= 1.0:
         return ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"], L, q.device)
     cb, codes = ref.pq_quantize(k.float(), 4, 4, 1)
-    return impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+    return impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L,
+                             stride=c["stride"])
 
 
 def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None, impl=ta):
@@ -196,7 +215,8 @@ def _check_selection_contract(impl, c):
     c = {**c, "density": min(c["density"], 0.5)}
     cb, codes = ref.pq_quantize(k, 4, 4, 1)
     L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
-    idx = impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L)
+    idx = impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L,
+                            stride=c["stride"])
     b, h, nq, nk, tile = c["b"], c["h"], c["nq"], c["nk"], c["tile"]
     nt = attention_num_tiles(nq, tile)
     valid = idx >= 0
@@ -215,7 +235,8 @@ def _check_selection_contract(impl, c):
     sel = torch.zeros(b, h, nt, nk + 1, dtype=torch.bool).scatter_(-1, torch.where(valid, idx.long(), nk), True)
     sel = sel[..., :nk]
     assert not (sel & ~union).any(), "a key no query of the tile may see was kept"
-    # independent fp64 mass: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile
+    # independent fp64 mass: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile over
+    # the scored queries
     khat = ref.reconstruct_keys(cb, codes).double().repeat_interleave(h // c["hkv"], 1)
     s = scale * q.double() @ khat.transpose(-1, -2)
     if mask is not None and mask.dtype != torch.bool:
@@ -223,7 +244,8 @@ def _check_selection_contract(impl, c):
     s = s.masked_fill(~allowed, -math.inf)
     row = allowed.any(-1, keepdim=True)
     p = torch.where(row, torch.softmax(s.masked_fill(~row, 0.0), -1), 0.0)
-    mass = torch.nn.functional.pad(p, (0, 0, 0, nt * tile - nq)).reshape(b, h, nt, tile, nk).sum(3)
+    p = torch.nn.functional.pad(p, (0, 0, 0, nt * tile - nq)) * scored_weights(nq, tile, c["stride"])[:, None]
+    mass = p.reshape(b, h, nt, tile, nk).sum(3)
     worst_kept = mass.masked_fill(~sel, math.inf).amin(-1)
     best_left = mass.masked_fill(sel | ~union, -math.inf).amax(-1)
     assert (best_left <= worst_kept + 1e-5 * (1 + mass.amax())).all(), "a left-out key had more mass"

@@ -1,4 +1,5 @@
-"""The user-facing query-tile options (issue #9): attention_query_tile (T) and attention_min_keys (L_min).
+"""The user-facing query-tile options (issue #9): attention_query_tile (T), attention_min_keys (L_min) and
+attention_select_stride (s: every s-th query of a tile scores keys).
 
 Options validation, the per-site plan (T, L_min, L_max by lowering/formulas.py), the rewritten graph passing them
 to torch.ops.spt.pq_sparse_attention, exact mode with T = 64 equal to eager (output and every gradient), a
@@ -13,7 +14,8 @@ import torch
 import spt_compile
 from spt_compile.graph_snapshot import op_arguments
 from spt_compile.lowering import formulas
-from spt_compile.options import DEFAULT_ATTENTION_QUERY_TILE, OPTION_DOCS, SptOptions
+from spt_compile.options import (DEFAULT_ATTENTION_QUERY_TILE, DEFAULT_ATTENTION_SELECT_STRIDE, OPTION_DOCS,
+                                 SptOptions)
 from spt_compile.report import Report
 from spt_compile.rewrite import rewrite_graph
 from spt_compile.savings import AttentionSizes, attention_estimates, tile_pairs
@@ -32,6 +34,8 @@ OP = torch.ops.spt.pq_sparse_attention.default
     ({"attention_query_tile": "64"}, "0 = per-query op"),
     ({"attention_min_keys": 0}, "'attention_min_keys' must be an integer >= 1"),
     ({"attention_min_keys": 2.5}, "'attention_min_keys' must be an integer >= 1"),
+    ({"attention_select_stride": 0}, "'attention_select_stride' must be an integer >= 1"),
+    ({"attention_select_stride": 2.0}, "'attention_select_stride' must be an integer >= 1"),
 ])
 def test_bad_tile_options_raise_naming_them(options, needle):
     with pytest.raises(ValueError) as e:
@@ -49,6 +53,8 @@ def test_the_default_tile_lives_in_one_constant_and_is_documented():
     assert SptOptions().attention_query_tile == DEFAULT_ATTENTION_QUERY_TILE
     assert f"(default {DEFAULT_ATTENTION_QUERY_TILE})" in OPTION_DOCS["attention_query_tile"]
     assert "attention_min_keys" in OPTION_DOCS
+    assert SptOptions().attention_select_stride == DEFAULT_ATTENTION_SELECT_STRIDE
+    assert f"(default {DEFAULT_ATTENTION_SELECT_STRIDE})" in OPTION_DOCS["attention_select_stride"]
 
 
 # --- plan -----------------------------------------------------------------------------------------------
@@ -89,6 +95,14 @@ def test_tile_zero_is_the_per_query_op():
     assert "L_min" not in site.params and "L_tile" not in site.params
 
 
+@pytest.mark.parametrize("tile, stride, want", [(16, 4, 4), (16, 1, 1), (16, 40, 16), (0, 4, 1)])
+def test_plan_caps_the_select_stride_at_the_tile(tile, stride, want):
+    """s >= T scores only each tile's last query, as s = T does; the per-query op (T = 0) scores every query."""
+    site, _ = _site("causal", 300, attention_query_tile=tile, attention_select_stride=stride)
+    assert site.plan.select_stride == want
+    assert site.params.get("select_stride") == (want if tile else None)
+
+
 def test_cross_attention_causal_and_bidirectional_l_max():
     """Nq < Nk: under top-left causality no tile sees more than Nq keys, bidirectional tiles see all Nk."""
     class Cross(torch.nn.Module):
@@ -123,15 +137,16 @@ def _op_calls(model, args, options):
     return calls, report
 
 
-@pytest.mark.parametrize("tile, floor", [(0, 64), (1, 5), (16, 8), (64, 64)])
-def test_rewritten_graph_passes_the_plans_tile_and_floor(tile, floor):
+@pytest.mark.parametrize("tile, floor, stride", [(0, 64, 1), (1, 5, 1), (16, 8, 3), (64, 64, 4)])
+def test_rewritten_graph_passes_the_plans_tile_and_floor(tile, floor, stride):
     n = 130
     calls, report = _op_calls(_toy(), (torch.randn(1, n, 32), torch.tensor([n])),
                               {"min_seq_len": 0, "ffn": "dense", "attention_query_tile": tile,
-                               "attention_min_keys": floor})
+                               "attention_min_keys": floor, "attention_select_stride": stride})
     [site] = report.rewritten("attention")
     [args] = calls
     assert (args["query_tile"], args["min_keys"]) == (site.plan.T, site.plan.L_min) == (tile, floor)
+    assert args["select_stride"] == site.plan.select_stride == stride
     assert args["density"] == 0.25 and args["min_seq_len"] == 0
 
 
