@@ -148,7 +148,7 @@ def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: 
     nt, L = idx.shape[2], idx.shape[3]
     cdt, mdt = compute_dtype(q.dtype), gemm_dtype(q)
     qs = _padded_rows((q.to(cdt) * scale).to(mdt), nt * tile)  # [B, H, Nq', D]: scale folded into q
-    kc, vc = k.to(mdt), v.to(mdt)
+    kc, vc = k.to(mdt).contiguous(), v.to(mdt).contiguous()  # once: _gather_rows flattens them per chunk
     out = torch.empty((b, h, nq, dv), dtype=q.dtype, device=q.device)  # exact size: the op saves it for backward
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
@@ -201,7 +201,7 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dvv = torch.zeros((b * hkv * nk, dv), dtype=cdt, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=cdt, device=q.device) if mask_grad else None
     keep = dropout_keep((b, h, nq, L), dropout_p, seed, q.device) if dropout_p > 0 else None
-    kc, vc = k.to(mdt), v.to(mdt)
+    kc, vc = k.to(mdt).contiguous(), v.to(mdt).contiguous()  # once: _gather_rows flattens them per chunk
     step = _chunk_tiles(nt, b * h * L * (2 * tile + 2 * d + 2 * dv), chunk)
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
