@@ -29,6 +29,7 @@ from bench._common import (fmt_bytes, machine_name, markdown_table, peak_memory,
 
 import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_sparse_attention
 from spt_compile.lowering.reference.pq_attention import num_kept  # noqa: E402
+from spt_compile.options import DEFAULT_ATTENTION_SELECT_STRIDE  # noqa: E402
 
 OP = torch.ops.spt.pq_sparse_attention.default
 
@@ -118,6 +119,9 @@ def attention_flops(pairs, d):
     return 14 * d * pairs
 
 
+STRIDE = DEFAULT_ATTENTION_SELECT_STRIDE  # the tiled op as the compiler calls it by default
+
+
 def tile_gpu_rows(ns, density, tile, reps, b=1, h=8, d=64, device="cuda", dtype=torch.bfloat16, causal=True):
     """Per N: SDPA (flash on CUDA) and the tiled op (PQ + tile selection + attention, Triton kernels), forward+
     backward; the tile kernels alone (forward + backward over a fixed idx); TFLOP/s on the kept pairs."""
@@ -140,11 +144,11 @@ def tile_gpu_rows(ns, density, tile, reps, b=1, h=8, d=64, device="cuda", dtype=
             torch.autograd.grad(out, (q, k, v), dout)
 
         def tiled_step():
-            out = OP(q, k, v, None, causal, scale, density, 8, 16, 3, 0.0, None, 0, tile, 64)[0]
+            out = OP(q, k, v, None, causal, scale, density, 8, 16, 3, 0.0, None, 0, tile, 64, STRIDE)[0]
             torch.autograd.grad(out, (q, k, v), dout)
 
         with torch.no_grad():
-            out, idx, lse = OP(q, k, v, None, causal, scale, density, 8, 16, 3, 0.0, None, 0, tile, 64)
+            out, idx, lse = OP(q, k, v, None, causal, scale, density, 8, 16, 3, 0.0, None, 0, tile, 64, STRIDE)
         qd, kd, vd = (t.detach() for t in (q, k, v))
 
         def kernels_step():  # the attention kernels alone, on the selection above
@@ -174,7 +178,7 @@ def run_tiles_gpu(ns, density, tile, reps, device="cuda", dtype=torch.bfloat16):
           f"{r['t_sdpa'] / r['t_spt']:.2f}x", f"{r['t_kern'] * 1e3:.2f} ms", f"{r['tf_sdpa']:.1f}",
           f"{r['tf_spt']:.1f}", f"{r['tf_kern']:.1f}"] for r in rows])
     body = (f"Query-tile sparse attention (torch.ops.spt.pq_sparse_attention, query_tile={tile}, density {density}, "
-            f"min_keys 64; Triton kernels: PQ M=8 C=16 3 iters, tile selection, FA2-style forward, backward with the "
+            f"min_keys 64, select_stride {STRIDE} (the option's default); Triton kernels: PQ M=8 C=16 3 iters, tile selection, FA2-style forward, backward with the "
             f"deterministic key -> tiles index) vs `F.scaled_dot_product_attention` (flash backend), forward+"
             f"backward, B=1, H=8, D=64, {str(dtype).replace('torch.', '')}, causal. Median of {reps} after 1 warmup "
             f"(first-fit kernel configs unless SPT_AUTOTUNE tuned them). 'tiled op' includes PQ and selection; "

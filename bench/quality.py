@@ -7,7 +7,11 @@ fine-tuning, held-out retrieval accuracy, and the training-free embedding cosine
 embeddings of the held-out sequences). Every spt model is evaluated as compiled (sparse), as a user would run it;
 the dense row is evaluated dense. Targets: gap <= 2% at (0.5, 0.5), <= 5% at (0.25, 0.25).
 
-    python bench/quality.py [--steps 40] [--seq 128] [--batch 8] [--improve '{"ffn_blocks": 64}'] [--name quality]
+    python bench/quality.py [--steps 40] [--seq 128] [--batch 8] [--seeds 0 1 2] [--improve '{"ffn_blocks": 64}']
+                            [--name quality]
+--seeds: every configuration is fine-tuned once per batch-order seed (dense too); each gap is against the dense run
+of the same seed, and the table reports the gaps' mean and spread (the held-out set is small: one seed's gap is
+mostly noise).
 --improve adds rows with the given extra spt options at the grid's densities that have a target ((0.5, 0.5),
 (0.25, 0.25)), to show a change's before/after; e.g. `--grid 0.25,0.25 --improve ... --name quality-improve`
 measures one before/after pair without overwriting the full grid's file (`--grid '' --improve-at 0.25,0.25`:
@@ -53,23 +57,34 @@ def run_config(label, backend, options, encoder, train, held, lr, ref_emb=None):
                 secs=time.perf_counter() - t0), emb0
 
 
-def render(results, args, data) -> str:
-    dense = results[0]
+def render(runs, args, data) -> str:
+    """runs: {seed: [result per config, dense first]}; one row per config, figures averaged over the seeds."""
+    import statistics
+    seeds = sorted(runs)
     rows = []
-    for r in results:
-        gap = r["after"][0] / dense["after"][0] - 1
+    for i, r in enumerate(runs[seeds[0]]):
+        done = [s for s in seeds if i < len(runs[s])]  # a partial run: the seeds that reached this config
+        per = [runs[s][i] for s in done]
+        gaps = [x["after"][0] / runs[s][0]["after"][0] - 1 for s, x in zip(done, per)]
+        gap = statistics.mean(gaps)
         key = (r["options"] or {}).get("attention_density"), (r["options"] or {}).get("ffn_density")
         target = TARGETS.get(key)
-        verdict = "" if r is dense or target is None else (" (target <= {:.0%}: {})".format(
+        verdict = "" if i == 0 or target is None else (" (target <= {:.0%}: {})".format(
             target, "met" if gap <= target else "MISSED"))
-        rows.append((r["label"], "-" if r is dense else f"{r['cos']:.3f}", f"{r['before'][0]:.4f}",
-                     f"{r['after'][0]:.4f}", "-" if r is dense else f"{gap:+.1%}{verdict}",
-                     f"{r['before'][1]:.3f} -> {r['after'][1]:.3f}", f"{r['secs']:.0f} s"))
+        spread = f" ± {statistics.stdev(gaps):.1%}" if len(gaps) > 1 else ""
+        mean = lambda f: statistics.mean(f(x) for x in per)  # noqa: E731
+        rows.append((r["label"], "-" if i == 0 else f"{r['cos']:.3f}", f"{mean(lambda x: x['before'][0]):.4f}",
+                     f"{mean(lambda x: x['after'][0]):.4f}", "-" if i == 0 else f"{gap:+.1%}{spread}{verdict}",
+                     "-" if i == 0 or len(gaps) < 2 else " ".join(f"{g:+.1%}" for g in gaps),
+                     f"{mean(lambda x: x['before'][1]):.3f} -> {mean(lambda x: x['after'][1]):.3f}",
+                     f"{sum(x['secs'] for x in per):.0f} s"))
     table = markdown_table(("config (attention, ffn)", "training-free cosine", "held-out loss before",
-                            "after", "gap to dense after", "retrieval acc", "wall"), rows)
+                            "after", "gap to dense after (mean ± sd over seeds)", "gap per seed", "retrieval acc",
+                            "wall"), rows)
     return (f"{table}\n\n"
             f"- model: all-MiniLM-L6-v2 (pretrained wheel), full fine-tuning, AdamW lr {args.lr}, {args.steps} steps, "
-            f"batch {args.batch} pairs (= {2 * args.batch} x {args.seq} tokens), batch-order seed {args.seed}, "
+            f"batch {args.batch} pairs (= {2 * args.batch} x {args.seq} tokens), batch-order seeds "
+            f"{' '.join(map(str, seeds))} (figures: means over the seeds; each gap against the dense run of its seed), "
             f"dropout 0, fp32\n"
             f"- data: {data.files} texts from {data.source}; {data.train.shape[0]} training pairs, "
             f"{data.heldout.shape[0]} held-out pairs (held out: {data.heldout_note}); every config sees the same "
@@ -85,6 +100,7 @@ def render(results, args, data) -> str:
 
 
 def plot(results, path):
+    """Training-loss curves of one seed's runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,7 +128,7 @@ def main(argv=None) -> int:
                                                          "keys to be rewritten at the defaults)")
     ap.add_argument("--batch", type=int, default=8, help="pairs per batch")
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="batch-order seeds (each config runs once per seed)")
     ap.add_argument("--grid", default=None, help="subset of the grid, e.g. '0.5,0.5;0.25,0.25'")
     ap.add_argument("--improve", default=None,
                     help="JSON of extra spt options for added rows at the grid's target densities")
@@ -130,10 +146,8 @@ def main(argv=None) -> int:
     extra = json.loads(args.improve) if args.improve else None
     base = json.loads(args.options)
     quiet_transformers()
-    torch.manual_seed(args.seed)
     tok, encoder = D.load_minilm()
     data = D.make_pairs(tok, half=args.seq - 2)
-    train = D.train_batches(data.train, args.batch, args.steps, args.seed)
     held = D.heldout_batches(data.heldout, args.batch)
     print(f"machine: {machine_name()}", flush=True)
 
@@ -143,20 +157,24 @@ def main(argv=None) -> int:
         configs += [(f"spt ({a}, {f}) + {json.dumps(extra)}", "spt",
                      {**base, "attention_density": a, "ffn_density": f, **extra})
                     for a, f in improve_at]
-    results, ref = [], None
-    for label, backend, opts in configs:
-        print(f"{label}: {args.steps} steps ...", flush=True)
-        res, emb0 = run_config(label, backend, opts, encoder, train, held, args.lr, ref)
-        ref = emb0 if ref is None else ref
-        results.append(res)
-        print(f"  held-out loss {res['before'][0]:.4f} -> {res['after'][0]:.4f} ({res['secs']:.0f} s)", flush=True)
-        body = render(results, args, data)
-        left = len(configs) - len(results)
-        if left:
-            body += f"- partial: {left} configuration(s) still running or not run\n"
-        if not args.no_write:  # after every configuration: a long run that is cut short keeps what it measured
-            path = write_result(args.name, body)
-            plot(results, path[:-3] + ".png")
+    runs, ref = {}, None
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        train = D.train_batches(data.train, args.batch, args.steps, seed)
+        runs[seed] = []
+        for label, backend, opts in configs:
+            print(f"seed {seed}, {label}: {args.steps} steps ...", flush=True)
+            res, emb0 = run_config(label, backend, opts, encoder, train, held, args.lr, ref)
+            ref = emb0 if ref is None else ref
+            runs[seed].append(res)
+            print(f"  held-out loss {res['before'][0]:.4f} -> {res['after'][0]:.4f} ({res['secs']:.0f} s)", flush=True)
+            body = render(runs, args, data)
+            left = len(configs) * len(args.seeds) - sum(map(len, runs.values()))
+            if left:
+                body += f"- partial: {left} run(s) still running or not run\n"
+            if not args.no_write:  # after every run: a long run that is cut short keeps what it measured
+                path = write_result(args.name, body)
+                plot(runs[args.seeds[0]], path[:-3] + ".png")
     print(body)
     if not args.no_write:
         print(f"wrote {path} and {path[:-3]}.png")
