@@ -31,8 +31,8 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
     nt = attention_num_tiles(nq, tile)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     gdt = scoring_dtype(q)
-    # [B, Hkv, 1, D, Nk] contiguous: a transposed view makes the bf16 GEMM copy its operand on every chunk (3x slower)
-    khat_t = reconstruct_keys(codebooks, codes).to(gdt).transpose(-1, -2).contiguous()[:, :, None]
+    # [B, Hkv, D, Nk] contiguous: a transposed view makes the bf16 GEMM copy its operand on every chunk (3x slower)
+    khat_t = reconstruct_keys(codebooks, codes).to(gdt).transpose(-1, -2).contiguous()
     qs = _padded_rows((q.to(cdt) * scale).to(gdt), nt * tile).reshape(b, hkv, grp, nt * tile, d)  # [B,Hkv,g,Nq',D]
     pos, valid = scored_positions(nq, tile, stride, q.device)  # [nT, S]
     S = pos.shape[1]
@@ -101,7 +101,8 @@ def _tile_mass(qs_c: Tensor, khat_t: Tensor, mask: Tensor | None, is_causal: boo
     """(mass [B, H, c, K], allowed of the scored rows or None) of one chunk of c tiles over the first K keys:
     mass = sum over each tile's scored queries of the query's softmax of the estimated logits."""
     c, S, kmax = rows.c, rows.S, khat_t.shape[-1]
-    s = (qs_c @ khat_t).reshape(b, h, c * S, kmax).to(cdt)  # [B, H, c*S, K] estimated logits (scale in q)
+    # one 4-D GEMM per kv head over its g query heads' rows (a 5-D broadcast matmul copies the sliced k^ operand)
+    s = (qs_c.reshape(b, khat_t.shape[1], -1, qs_c.shape[-1]) @ khat_t).reshape(b, h, c * S, kmax).to(cdt)
     allowed, bias = rows.allowed(mask, is_causal, kmax, s.dtype)
     if bias is not None:
         s += bias
