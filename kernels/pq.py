@@ -1,8 +1,8 @@
 """Product quantization of keys: k-means per (batch, kv head, subspace) with a Triton assignment step.
 
 pq_quantize(k, subspaces, centroids, iters) -> (codebooks [B, Hkv, M, C, D//M] fp32, codes [B, Hkv, Nk, M] int32)
-follows lowering/reference/pq_attention.py exactly (same init, same number of Lloyd steps, same handling
-of empty clusters); only the nearest-centroid search runs in Triton.
+follows lowering/reference/pq_attention.py exactly (same fit keys, formulas.pq_fit_positions; same init, same
+number of Lloyd steps, same handling of empty clusters); only the nearest-centroid search runs in Triton.
 
 Why the centroid update stays in torch: it is a segmented sum of Nk rows into C buckets (index_add_)
 plus a division - one memory-bound pass that torch already runs as a single fused scatter kernel; a
@@ -17,6 +17,7 @@ import triton.language as tl
 
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._triton_utils import check_float, dtype_name, next_power_of_2
+from spt_compile.lowering.formulas import pq_fit_positions
 
 KERNEL = "pq_assign"
 
@@ -163,9 +164,11 @@ def pq_quantize(k: torch.Tensor, subspaces: int, centroids: int, iters: int):
     if Nk == 0:
         raise ValueError("k must have at least one key (Nk == 0)")
     M, DS = subspaces, D // subspaces
-    ks = k.float().reshape(B, Hkv, Nk, M, DS)                            # [B, Hkv, Nk, M, DS]
+    fit = pq_fit_positions(Nk, k.device)                                 # the reference's fit keys
+    kf = k if fit.numel() == Nk else k[:, :, fit]                        # [B, Hkv, F, D]
+    ks = kf.float().reshape(B, Hkv, kf.shape[2], M, DS)                  # [B, Hkv, F, M, DS]
     codebooks = init_codebooks(ks, centroids)                            # [B, Hkv, M, C, DS]
     for _ in range(iters):
-        codes = pq_assign(k, codebooks)
+        codes = pq_assign(kf, codebooks)
         codebooks = update_codebooks(ks, codes, codebooks)
-    return codebooks, pq_assign(k, codebooks)
+    return codebooks, pq_assign(k, codebooks)                            # every key assigned

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from spt_compile.kernels.cpu_tunables import attention_chunk
-from spt_compile.lowering.formulas import attention_keys_kept
+from spt_compile.lowering.formulas import attention_keys_kept, pq_fit_positions
 
 # Largest transient tile per query chunk, in elements (16 MiB of fp32; a chunk keeps a few such tiles alive):
 # big enough that per-chunk Python overhead is negligible, small enough that sequence length does not grow the
@@ -119,7 +119,8 @@ def _assign(x: Tensor, cent: Tensor) -> Tensor:
 def pq_quantize(k: Tensor, subspaces: int, centroids: int, iters: int) -> tuple[Tensor, Tensor]:
     """k [B, Hkv, Nk, D] -> (codebooks [B, Hkv, M, C, D//M] fp32, codes [B, Hkv, Nk, M] int32).
 
-    Lloyd k-means per (batch, kv head, subspace), all groups batched together (no loop over keys)."""
+    Lloyd k-means per (batch, kv head, subspace), all groups batched together (no loop over keys), fitted on the
+    keys at formulas.pq_fit_positions (all of them up to PQ_FIT_KEYS); every key is then assigned."""
     b, hkv, nk, d = k.shape
     m, c = subspaces, centroids
     if d % m:
@@ -127,12 +128,15 @@ def pq_quantize(k: Tensor, subspaces: int, centroids: int, iters: int) -> tuple[
     ds = d // m
     g = b * hkv * m
     x = k.to(torch.float32).reshape(b, hkv, nk, m, ds).permute(0, 1, 3, 2, 4).reshape(g, nk, ds)  # [G, Nk, ds]
-    init = (torch.arange(c, device=k.device) * nk) // c  # evenly spaced key positions (repeat if C > Nk)
-    cent = x[:, init, :].clone()  # [G, C, ds]
-    ones = torch.ones((g, nk), dtype=torch.float32, device=k.device)
+    fit = pq_fit_positions(nk, k.device)
+    xf = x if fit.numel() == nk else x[:, fit]  # [G, F, ds]: the keys the codebooks are fitted on
+    nf = xf.shape[1]
+    init = (torch.arange(c, device=k.device) * nf) // c  # evenly spaced fit positions (repeat if C > F)
+    cent = xf[:, init, :].clone()  # [G, C, ds]
+    ones = torch.ones((g, nf), dtype=torch.float32, device=k.device)
     for _ in range(iters):
-        codes = _assign(x, cent)  # [G, Nk]
-        sums = torch.zeros_like(cent).scatter_add_(1, codes[:, :, None].expand(g, nk, ds), x)  # [G, C, ds]
+        codes = _assign(xf, cent)  # [G, F]
+        sums = torch.zeros_like(cent).scatter_add_(1, codes[:, :, None].expand(g, nf, ds), xf)  # [G, C, ds]
         counts = torch.zeros((g, c), dtype=torch.float32, device=k.device).scatter_add_(1, codes, ones)
         # an empty cluster keeps its centroid (a fresh random restart would make the result init-order dependent)
         cent = torch.where(counts[:, :, None] > 0, sums / counts.clamp(min=1.0)[:, :, None], cent)
