@@ -25,8 +25,9 @@ OPTION_DOCS = {
     "attention_density": "fraction of the keys kept, in (0, 1]: with attention_query_tile T >= 1 of the keys a query "
                          "tile may see (L_tile = min(allowed, max(attention_min_keys, ceil(density * allowed)))), "
                          "with T = 0 of all Nk keys per query (L = ceil(density * Nk)); 1.0 is exact mode (default 0.25)",
-    "attention_query_tile": "T: tiles of T consecutive queries share one PQ-selected key list (their summed estimated "
-                            "softmax mass); 1 = per-query selection with the tile formula for L; 0 = the per-query op "
+    "attention_query_tile": "T: tiles of T consecutive queries share one PQ-selected key list (the estimated softmax "
+                            "mass summed over their scored queries, attention_select_stride); 1 = per-query "
+                            "selection with the tile formula for L; 0 = the per-query op "
                             "of before (fixed L = ceil(density * Nk), attention_min_keys unused), an integer >= 0 "
                             f"(default {DEFAULT_ATTENTION_QUERY_TILE})",
     "attention_min_keys": "L_min: no query tile keeps fewer keys than this (unless it may see fewer), so early causal "
