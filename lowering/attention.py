@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.lowering.formulas import (attention_is_exact, attention_num_tiles, attention_tile_is_exact,
-                                          attention_tile_slots)
+from spt_compile.lowering.formulas import (attention_is_exact, attention_list_group, attention_num_tiles,
+                                          attention_tile_is_exact, attention_tile_slots)
 from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,6 +29,7 @@ _DOC = ("PQ-sparse attention (docs/OPS.md). Returns (out [B, H, Nq, Dv], idx [B,
 Exact mode (L >= Nk, or Nk < min_seq_len) skips PQ. idx and lse are auxiliary outputs without gradient.
 A floating mask that requires grad gets dS at the kept keys (0 elsewhere), summed to its broadcast shape.
 query_tile = T > 0: tiles of T queries share one key list; idx is then [B, H, ceil(Nq/T), L_max] (docs/OPS.md).
+share_kv_lists (T > 0, GQA): the H / Hkv query heads of one kv head share each tile's list as well.
 seed: int64 0-dim tensor, required when dropout_p > 0.
 """)
 
@@ -40,7 +41,7 @@ seed: int64 0-dim tensor, required when dropout_p > 0.
 def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, density: float,
                 pq_subspaces: int, pq_centroids: int, kmeans_iters: int, dropout_p: float,
                 seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0, min_keys: int = 64,
-                select_stride: int = 1) -> None:
+                select_stride: int = 1, share_kv_lists: bool = False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, N, head_dim], got shape {tuple(t.shape)}")
@@ -86,6 +87,11 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: 
     if select_stride > 1 and not query_tile:
         raise ValueError(f"select_stride={select_stride} needs query tiles (query_tile >= 1): per-query selection "
                          f"(query_tile=0) scores every query")
+    if not isinstance(share_kv_lists, bool):
+        raise ValueError(f"share_kv_lists must be a bool, got {share_kv_lists!r}")
+    if share_kv_lists and not query_tile:
+        raise ValueError("share_kv_lists=True needs query tiles (query_tile >= 1): the per-query op (query_tile=0) "
+                         "keeps one list per query and head")
     if dropout_p > 0:
         if seed is None:
             raise ValueError("seed (int64 0-dim tensor) is required when dropout_p > 0")
@@ -117,11 +123,11 @@ def _use_kernels(q: Tensor) -> bool:
 # explicit schemas: inferred ones would say SymInt where docs/OPS.md says int
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, float density, "
                "int pq_subspaces, int pq_centroids, int kmeans_iters, float dropout_p, Tensor? seed, "
-               "int min_seq_len=0, int query_tile=0, int min_keys=64, int select_stride=1) "
-               "-> (Tensor out, Tensor idx, Tensor lse)")
+               "int min_seq_len=0, int query_tile=0, int min_keys=64, int select_stride=1, "
+               "bool share_kv_lists=False) -> (Tensor out, Tensor idx, Tensor lse)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor idx, Tensor? mask, "
                "bool is_causal, float scale, float dropout_p, Tensor? seed, bool mask_grad=False, int min_seq_len=0, "
-               "int query_tile=0) "
+               "int query_tile=0, bool share_kv_lists=False) "
                "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)")
 
 
@@ -129,12 +135,14 @@ _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor l
 def pq_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                            density: float, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
                            dropout_p: float, seed: Optional[Tensor], min_seq_len: int = 0, query_tile: int = 0,
-                           min_keys: int = 64, select_stride: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+                           min_keys: int = 64, select_stride: int = 1, share_kv_lists: bool = False
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len, query_tile, min_keys, select_stride)
+                min_seq_len, query_tile, min_keys, select_stride, share_kv_lists)
     if query_tile:
+        group = attention_list_group(q.shape[1], k.shape[1], share_kv_lists)
         return _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters,
-                              dropout_p, seed, min_seq_len, query_tile, min_keys, select_stride)
+                              dropout_p, seed, min_seq_len, query_tile, min_keys, select_stride, group)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     L = ref.num_kept(nk, density)
@@ -176,35 +184,40 @@ def _tiled_kernels(q: Tensor, v: Tensor) -> bool:
 
 
 def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p,
-                   seed, min_seq_len, tile, min_keys, stride):
+                   seed, min_seq_len, tile, min_keys, stride, group):
     """Query-tile mode (docs/OPS.md "query tiles"): PQ + tile selection + attention, in the Triton tile kernels
-    where _tiled_kernels says so, else in the plain-PyTorch stages."""
+    where _tiled_kernels says so, else in the plain-PyTorch stages. group: heads per shared list (1 = per head).
+    Shared lists under a per-head mask take the plain selection (the selection kernels size a group's lists
+    from its first head); the attention kernels run on the repeated lists either way."""
     from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
     nq, nk = q.shape[2], k.shape[2]
     kernels = _tiled_kernels(q, v)
-    if kernels and not attention_tile_is_exact(nq, nk, density, min_keys, is_causal, min_seq_len):
+    select_kernels = kernels and (group == 1 or mask is None or mask.shape[1] == 1)
+    if select_kernels and not attention_tile_is_exact(nq, nk, density, min_keys, is_causal, min_seq_len):
         from spt_compile.kernels.attention_tiled_select import select_tiles
         from spt_compile.kernels.pq import pq_quantize
         codebooks, codes = pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
         idx = select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys,
-                           attention_tile_slots(nq, nk, density, min_keys, is_causal), stride=stride)
+                           attention_tile_slots(nq, nk, density, min_keys, is_causal), stride=stride, group=group)
     else:  # the plain selection, or exact mode's key lists (plain torch on every device, no PQ, as per query)
         idx = tiled_select(q, k, mask, is_causal, scale, density, tile, min_keys, pq_subspaces, pq_centroids,
-                           kmeans_iters, min_seq_len, stride)  # [B, H, ceil(Nq/T), L_max]
+                           kmeans_iters, min_seq_len, stride, group)  # [B, H, ceil(Nq/T), L_max]
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
     if kernels:
         from spt_compile.kernels.attention_tiled_fwd import tiled_attention_forward
+        out, lse = tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
     else:  # the fast plain-PyTorch stages (lowering/attention_tiled_cpu.py; the reference is the semantics)
         from spt_compile.lowering.attention_tiled_cpu import tiled_attention_forward
-    out, lse = tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed)
+        out, lse = tiled_attention_forward(q, k, v, run_idx, mask, is_causal, scale, tile, dropout_p, seed,
+                                           group=group)
     return out.contiguous(), idx.contiguous(), lse.contiguous()
 
 
 @pq_sparse_attention_op.register_fake
 def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-      min_seq_len=0, query_tile=0, min_keys=64, select_stride=1):
+      min_seq_len=0, query_tile=0, min_keys=64, select_stride=1, share_kv_lists=False):
     _check_args(q, k, v, mask, scale, density, pq_subspaces, pq_centroids, kmeans_iters, dropout_p, seed,
-                min_seq_len, query_tile, min_keys, select_stride)
+                min_seq_len, query_tile, min_keys, select_stride, share_kv_lists)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     # sizes only: the same shapes whether or not Nk < min_seq_len
@@ -227,14 +240,15 @@ def _(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_centroids, kmea
 def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     idx: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
                                     dropout_p: float, seed: Optional[Tensor], mask_grad: bool = False,
-                                    min_seq_len: int = 0, query_tile: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    min_seq_len: int = 0, query_tile: int = 0, share_kv_lists: bool = False
+                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask) of pq_sparse_attention's out for the kept keys idx (exact gradients of step 4).
 
     dmask is d out / d mask when mask_grad (mask.shape, mask.dtype), else an empty [0] tensor."""
     _check_mask_grad(mask, mask_grad)
     if query_tile:
         return _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad,
-                               min_seq_len, query_tile)
+                               min_seq_len, query_tile, attention_list_group(q.shape[1], k.shape[1], share_kv_lists))
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     if nk < min_seq_len:  # the forward ran exact and returned an all -1 idx: rebuild the full key list
@@ -259,7 +273,7 @@ def pq_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
 
 
 def _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad, min_seq_len,
-                    tile):
+                    tile, group):
     """The query-tile backward, on the path its forward took (_tiled_kernels): the Triton tile backward (dQ per
     tile, dK/dV through the deterministic key -> tiles index, dS for a trainable mask), replaying the kernel
     forward's dropout mask; or the plain-PyTorch stage, replaying the plain forward's."""
@@ -267,19 +281,19 @@ def _tiled_backward(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropou
     run_idx = rebuild_exact(idx, q, k, mask, is_causal, tile, min_seq_len)
     if _tiled_kernels(q, v):
         from spt_compile.kernels.attention_tiled_bwd import tiled_attention_backward
-        stage = tiled_attention_backward  # takes dout's strides
+        dq, dk, dv, dmask = tiled_attention_backward(dout, q, k, v, out, lse, run_idx, mask, is_causal, scale, tile,
+                                                     dropout_p, seed, mask_grad)  # takes dout's strides
     else:
         from spt_compile.lowering.attention_tiled_cpu import tiled_attention_backward
-        stage, dout = tiled_attention_backward, dout.contiguous()
-    dq, dk, dv, dmask = stage(dout, q, k, v, out, lse, run_idx, mask, is_causal, scale, tile, dropout_p, seed,
-                              mask_grad)
+        dq, dk, dv, dmask = tiled_attention_backward(dout.contiguous(), q, k, v, out, lse, run_idx, mask, is_causal,
+                                                     scale, tile, dropout_p, seed, mask_grad, group=group)
     dmask = dmask.contiguous() if mask_grad else q.new_empty((0,))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
 
 
 @pq_sparse_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, idx, mask, is_causal, scale, dropout_p, seed, mask_grad=False, min_seq_len=0,
-      query_tile=0):
+      query_tile=0, share_kv_lists=False):
     _check_mask_grad(mask, mask_grad)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -296,9 +310,11 @@ def _setup_context(ctx, inputs, output):
     # O(N * (D + L)) saved: q, k, v (inputs), out, idx (int32, N * L), lse; never an N x N matrix
     ctx.save_for_backward(q, k, v, mask, out, idx, lse, seed)
     ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
-    # the trailing schema defaults (min_seq_len, query_tile); autograd passes every argument, defaults filled in
+    # the trailing schema defaults (min_seq_len, query_tile, min_keys, select_stride, share_kv_lists); autograd
+    # passes every argument, defaults filled in
     ctx.min_seq_len = int(rest[0]) if rest else 0
     ctx.query_tile = int(rest[1]) if len(rest) > 1 else 0
+    ctx.share_kv_lists = bool(rest[4]) if len(rest) > 4 else False
     ctx.mark_non_differentiable(idx, lse)
 
 
@@ -308,9 +324,9 @@ def _backward(ctx, dout, _didx, _dlse):
     mask_grad = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype.is_floating_point
     dq, dk, dv, dmask = torch.ops.spt.pq_sparse_attention_backward(
         dout, q, k, v, out, lse, idx, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed, mask_grad,
-        ctx.min_seq_len, ctx.query_tile)
-    # grads for q, k, v and the mask; none for the 12 non-tensor / seed arguments
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 12
+        ctx.min_seq_len, ctx.query_tile, ctx.share_kv_lists)
+    # grads for q, k, v and the mask; none for the 13 non-tensor / seed arguments
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 13
 
 
 pq_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -353,7 +369,7 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
                         scale: Optional[float] = None, density: float = 0.25, pq_subspaces: int = 8,
                         pq_centroids: int = 16, kmeans_iters: int = 3, dropout_p: float = 0.0,
                         seed: int | Tensor | None = None, min_seq_len: int = 0, query_tile: int = 0,
-                        min_keys: int = 64, select_stride: int = 1) -> Tensor:
+                        min_keys: int = 64, select_stride: int = 1, share_kv_lists: bool = False) -> Tensor:
     """out [B, H, Nq, Dv] of torch.ops.spt.pq_sparse_attention with SDPA-like defaults.
 
     scale defaults to 1/sqrt(D). With dropout_p > 0 and no seed, a seed is drawn from torch's global RNG
@@ -369,5 +385,5 @@ def pq_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
     out, _idx, _lse = torch.ops.spt.pq_sparse_attention(
         q, k, v, mask, bool(is_causal), float(scale), float(density), int(pq_subspaces), int(pq_centroids),
         int(kmeans_iters), float(dropout_p), seed, int(min_seq_len), int(query_tile), int(min_keys),
-        int(select_stride))
+        int(select_stride), bool(share_kv_lists))
     return out

@@ -17,9 +17,10 @@ from spt_compile.lowering.reference import tiled_attention as ta
 
 def tiled_select(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, density: float,
                  tile: int, min_keys: int, pq_subspaces: int, pq_centroids: int, kmeans_iters: int,
-                 min_seq_len: int = 0, stride: int = 1) -> Tensor:
+                 min_seq_len: int = 0, stride: int = 1, group: int = 1) -> Tensor:
     """idx [B, H, ceil(Nq/T), L_max] int32 (exact key lists in exact mode; all -1 below min_seq_len when the
-    exact lists do not fit L_max, as in the per-query op: the backward rebuilds them)."""
+    exact lists do not fit L_max, as in the per-query op: the backward rebuilds them). group: heads per shared
+    list (exact mode needs no sharing: every list is every key the tile may see)."""
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     L = attention_tile_slots(nq, nk, density, min_keys, is_causal)
@@ -29,7 +30,7 @@ def tiled_select(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, 
         return idx if full == L else torch.full((b, h, idx.shape[2], L), -1, dtype=torch.int32, device=q.device)
     codebooks, codes = ref.pq_quantize(k, pq_subspaces, pq_centroids, kmeans_iters)
     return fast.select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min_keys, L,
-                             stride=stride)
+                             stride=stride, group=group)
 
 
 def rebuild_exact(idx: Tensor, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, tile: int,

@@ -9,7 +9,10 @@ changes how the work is laid out, because on CPU the time goes into memory passe
 - attention: masks are built only when some slot needs one (empty slots, causality, a mask), and the backward
   recomputes P from the saved lse where that is safe (one softmax pass fewer);
 - on CPUs with bf16 GEMM units (AMX or AVX512-BF16): bf16 inputs keep bf16 GEMM
-  operands (gemm_dtype); logits, softmax and accumulation stay fp32.
+  operands (gemm_dtype); logits, softmax and accumulation stay fp32;
+- lists shared by the G query heads of a kv head (share_kv_lists): each kept key is gathered once per group and
+  the group's G x T query rows multiply it in one GEMM (G x the reuse per gathered byte), and dK / dV come out of
+  the GEMMs already summed over the group (_shared_group says when this layout applies).
 """
 from __future__ import annotations
 
@@ -115,14 +118,44 @@ def _slot_ok(idx_c: Tensor, mask: Tensor | None, is_causal: bool, i0: int, i1: i
     return ok, bias, w0
 
 
-def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None, w0: int, cdt: torch.dtype) -> Tensor:
-    """s [B, H, c, T, L'] cdt = q_t.kg (q_t pre-scaled) + bias, -inf where not ok (ok covers slots w0 ..)."""
+def _logits(q_t: Tensor, kg: Tensor, ok: Tensor | None, bias: Tensor | None, w0: int, cdt: torch.dtype,
+            group: int = 1) -> Tensor:
+    """s [B, H, c, T, L'] cdt = q_t.kg (q_t pre-scaled) + bias, -inf where not ok (ok covers slots w0 ..).
+    group G > 1: q_t holds a group's rows [B, H/G, c, G*T, D] (_group_rows); ok / bias [.., c, T, ..] apply
+    to each of its G heads alike."""
     s = (q_t @ kg.transpose(-1, -2)).to(cdt)
+    per_head = s if group == 1 else s.unflatten(3, (group, -1))  # a view: [B, H/G, c, G, T, L']
     if bias is not None:
-        s += bias
+        per_head += bias if group == 1 else bias.unsqueeze(3)
     if ok is not None:
-        s[..., w0:].masked_fill_(~ok, float("-inf"))
+        per_head[..., w0:].masked_fill_(~(ok if group == 1 else ok.unsqueeze(3)), float("-inf"))
     return s
+
+
+def _shared_group(q: Tensor, k: Tensor, group: int, mask: Tensor | None, dropout_p: float, mask_grad: bool = False
+                  ) -> int:
+    """The G of the group layout (1 = per-head layout). Shared lists (group = H / Hkv > 1) are gathered once per
+    kv head where every head of the group attends alike: no per-head mask, no dropout (its keep mask is drawn per
+    head) and no mask gradient; otherwise the per-head layout runs on the repeated lists (same results)."""
+    if group == 1 or group != q.shape[1] // k.shape[1] or dropout_p > 0 or mask_grad:
+        return 1
+    return group if mask is None or mask.shape[1] == 1 else 1
+
+
+def _group_rows(x: Tensor, group: int) -> Tensor:
+    """[B, H, c, T, X] -> [B, H/G, c, G*T, X]: the G heads' rows of each tile side by side (a copy)."""
+    if group == 1:
+        return x
+    b, h, c, t, xd = x.shape
+    return x.reshape(b, h // group, group, c, t, xd).transpose(2, 3).reshape(b, h // group, c, group * t, xd)
+
+
+def _ungroup_rows(x: Tensor, group: int) -> Tensor:
+    """[B, H/G, c, G*T, X] -> [B, H, c, T, X] (inverse of _group_rows)."""
+    if group == 1:
+        return x
+    b, hg, c, gt, xd = x.shape
+    return x.reshape(b, hg, c, group, gt // group, xd).transpose(2, 3).reshape(b, hg * group, c, gt // group, xd)
 
 
 def _exp_rows(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,13 +172,15 @@ def _tiles(x: Tensor, i0: int, c: int, tile: int) -> Tensor:
 
 
 def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: Tensor | None, is_causal: bool,
-                            scale: float, tile: int, dropout_p: float, seed: Tensor | None, *,
+                            scale: float, tile: int, dropout_p: float, seed: Tensor | None, *, group: int = 1,
                             chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Nq, Dv] q.dtype, lse [B, H, Nq] fp32), as reference.tiled_attention.tiled_attention_forward."""
+    """(out [B, H, Nq, Dv] q.dtype, lse [B, H, Nq] fp32), as reference.tiled_attention.tiled_attention_forward.
+    group: the heads sharing each list (lowering.formulas.attention_list_group); G > 1 may use the group layout."""
     b, h, nq, d = q.shape
     dv = v.shape[3]
     nt, L = idx.shape[2], idx.shape[3]
     cdt, mdt = compute_dtype(q.dtype), gemm_dtype(q)
+    g = _shared_group(q, k, group, mask, dropout_p)  # heads whose rows share one gathered K/V tile
     qs = _padded_rows((q.to(cdt) * scale).to(mdt), nt * tile)  # [B, H, Nq', D]: scale folded into q
     kc, vc = k.to(mdt).contiguous(), v.to(mdt).contiguous()  # once: _gather_rows flattens them per chunk
     out = torch.empty((b, h, nq, dv), dtype=q.dtype, device=q.device)  # exact size: the op saves it for backward
@@ -155,16 +190,17 @@ def tiled_attention_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, mask: 
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
         i0, i1, c = t0 * tile, min(nq, t1 * tile), t1 - t0
-        idx_c = _trim(idx[:, :, t0:t1])
-        kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
+        idx_c = _trim(idx[:, ::g, t0:t1])  # [B, H/G, c, L']: one list per group
+        kg, vg = _gather_rows(kc, idx_c, h // g), _gather_rows(vc, idx_c, h // g)  # [B, H/G, c, L', D|Dv]
         ok, bias, w0 = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        e, mx = _exp_rows(_logits(_tiles(qs, i0, c, tile), kg, ok, bias, w0, cdt))  # [B, H, c, T, L']
+        q_t = _group_rows(_tiles(qs, i0, c, tile), g)  # [B, H/G, c, G*T, D]
+        e, mx = _exp_rows(_logits(q_t, kg, ok, bias, w0, cdt, g))  # [B, H/G, c, G*T, L']
         den = e.sum(-1, keepdim=True)
-        lse[:, :, i0:i1] = (mx + torch.log(den)).reshape(b, h, c * tile)[:, :, :i1 - i0]
-        if keep is not None:
+        lse[:, :, i0:i1] = _ungroup_rows(mx + torch.log(den), g).reshape(b, h, c * tile)[:, :, :i1 - i0]
+        if keep is not None:  # g = 1 here: dropout keeps the per-head layout
             e *= _keep_tiles(keep, i0, i1, c, tile, idx_c.shape[-1], cdt) / (1.0 - dropout_p)
-        o = (e.to(mdt) @ vg).to(cdt)  # [B, H, c, T, Dv]
-        out[:, :, i0:i1] = (o / torch.where(den > 0, den, 1.0)).reshape(b, h, c * tile, dv)[:, :, :i1 - i0]
+        o = (e.to(mdt) @ vg).to(cdt) / torch.where(den > 0, den, 1.0)  # [B, H/G, c, G*T, Dv]
+        out[:, :, i0:i1] = _ungroup_rows(o, g).reshape(b, h, c * tile, dv)[:, :, :i1 - i0]
     return out, lse
 
 
@@ -175,8 +211,8 @@ def _keep_tiles(keep: Tensor, i0: int, i1: int, c: int, tile: int, Lc: int, cdt:
 
 def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, idx: Tensor,
                              mask: Tensor | None, is_causal: bool, scale: float, tile: int, dropout_p: float,
-                             seed: Tensor | None, mask_grad: bool = False, *, chunk: int | None = None
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                             seed: Tensor | None, mask_grad: bool = False, *, group: int = 1,
+                             chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dmask), as reference.tiled_attention.tiled_attention_backward.
 
     P comes from exp(s - lse) unless a floating mask may hold finite padding values (a finfo.min row's lse
@@ -188,6 +224,7 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     cdt, mdt = compute_dtype(q.dtype), gemm_dtype(q)
     if mask_grad and (mask is None or not mask.dtype.is_floating_point):
         raise ValueError("mask_grad needs a floating (additive) mask")
+    g = _shared_group(q, k, group, mask, dropout_p, mask_grad)  # as in the forward
     rows = nt * tile
     qs = _padded_rows((q.to(cdt) * scale).to(mdt), rows)  # [B, H, Nq', D]
     do = _padded_rows(dout.to(mdt), rows)  # [B, H, Nq', Dv]
@@ -205,29 +242,29 @@ def tiled_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
         i0, i1, c = t0 * tile, min(nq, t1 * tile), t1 - t0
-        idx_c = _trim(idx[:, :, t0:t1])
-        kg, vg = _gather_rows(kc, idx_c, h), _gather_rows(vc, idx_c, h)  # [B, H, c, L', D|Dv]
-        q_t, do_t = _tiles(qs, i0, c, tile), _tiles(do, i0, c, tile)
+        idx_c = _trim(idx[:, ::g, t0:t1])  # [B, H/G, c, L']
+        kg, vg = _gather_rows(kc, idx_c, h // g), _gather_rows(vc, idx_c, h // g)  # [B, H/G, c, L', D|Dv]
+        q_t, do_t = _group_rows(_tiles(qs, i0, c, tile), g), _group_rows(_tiles(do, i0, c, tile), g)
         ok, bias, w0 = _slot_ok(idx_c, mask, is_causal, i0, i1, tile, cdt)
-        s = _logits(q_t, kg, ok, bias, w0, cdt)  # [B, H, c, T, L']
+        s = _logits(q_t, kg, ok, bias, w0, cdt, g)  # [B, H/G, c, G*T, L']
         if own_max:
             p, _ = _exp_rows(s)
             p /= torch.where((den := p.sum(-1, keepdim=True)) > 0, den, 1.0)
         else:
-            p = s.sub_(_tiles(lse_p, i0, c, tile)).exp_()  # -inf slots -> 0
-        dp = (do_t @ vg.transpose(-1, -2)).to(cdt)  # [B, H, c, T, L']
+            p = s.sub_(_group_rows(_tiles(lse_p, i0, c, tile), g)).exp_()  # -inf slots -> 0
+        dp = (do_t @ vg.transpose(-1, -2)).to(cdt)  # [B, H/G, c, G*T, L']
         pd = p
         if keep is not None:
             ks = _keep_tiles(keep, i0, i1, c, tile, idx_c.shape[-1], cdt) / (1.0 - dropout_p)
             dp *= ks
             pd = p * ks
-        dv_rows = pd.to(mdt).transpose(-1, -2) @ do_t  # [B, H, c, L', Dv] (before p is overwritten by dS)
+        dv_rows = pd.to(mdt).transpose(-1, -2) @ do_t  # [B, H/G, c, L', Dv] (before p is overwritten by dS)
         # delta = rowsum(P * dP), not rowsum(dout * out): equal in exact arithmetic, but this one cancels exactly
         # where the dense formulation does (one kept key: dS = 0), keeping the error within 2x dense's
         delta = (p * dp).sum(-1, keepdim=True)
         ds = p.mul_(dp.sub_(delta))  # dS = P (dP - delta), in place over p
         ds_m = ds.to(mdt)
-        dq[:, :, i0:t1 * tile] = (ds_m @ kg).reshape(b, h, c * tile, d)
+        dq[:, :, i0:t1 * tile] = _ungroup_rows(ds_m @ kg, g).reshape(b, h, c * tile, d)
         flat = _flat_index(idx_c, hkv, nk).reshape(-1)
         # empty slots point at key 0 of their kv head but carry dS = 0 and P = 0: they add nothing
         dk.index_add_(0, flat, (ds_m.transpose(-1, -2) @ q_t).reshape(-1, d).to(cdt))  # q_t pre-scaled: scale dS^T Q

@@ -8,7 +8,9 @@ FLOPs, cost the time:
 - one GEMM of estimated logits, max / exp / sum in place, and the per-query normalisation and the tile sum as
   one small batched GEMM (w [S] . e [S, Nk]);
 - top-L by one topk over unique int64 keys (mass bits, then lower key first: the reference's tie order; unsorted
-  where every tile of a chunk keeps as many keys), listed ascending by a mark-and-compact pass, not a sort.
+  where every tile of a chunk keeps as many keys), listed ascending by a mark-and-compact pass, not a sort;
+- shared lists (group G > 1): the masses of a group's heads are summed before the top-L, which then runs once per
+  group (the union and sizing are the group's too).
 """
 from __future__ import annotations
 
@@ -18,16 +20,17 @@ from torch import Tensor
 from spt_compile.lowering.attention_tiled_cpu import _chunk_tiles, _padded_rows, _rows_padded, scoring_dtype
 from spt_compile.lowering.formulas import attention_num_tiles, attention_scored_row, attention_tile_keys
 from spt_compile.lowering.reference.pq_attention import reconstruct_keys
-from spt_compile.lowering.reference.tiled_attention import _tile_any, query_allowed
+from spt_compile.lowering.reference.tiled_attention import _tile_any, check_group, group_any, query_allowed
 
 
 def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                 tile: int, density: float, min_keys: int, L: int, *, stride: int = 1,
+                 tile: int, density: float, min_keys: int, L: int, *, stride: int = 1, group: int = 1,
                  chunk: int | None = None) -> Tensor:
     """idx [B, H, ceil(Nq/T), L] int32, as reference.tiled_attention.select_tiles (same tie order)."""
     b, h, nq, d = q.shape
     hkv, nk = codes.shape[1], codes.shape[2]
     grp = h // hkv
+    ng = check_group(h, group)
     nt = attention_num_tiles(nq, tile)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     gdt = scoring_dtype(q)
@@ -38,7 +41,7 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
     S = pos.shape[1]
     if stride > 1:
         qs = qs.index_select(3, pos.reshape(-1))  # [B, Hkv, g, nT * S, D]: the scored rows only
-    idx = torch.full((b, h, nt, L), -1, dtype=torch.int32, device=q.device)
+    idx = torch.full((b, ng, nt, L), -1, dtype=torch.int32, device=q.device)
     step = _chunk_tiles(nt, b * h * S * nk, chunk)
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
@@ -47,10 +50,12 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
         m_c = None if mask is None else mask[..., :kmax]  # causal chunks: keys >= K are not allowed anyway
         rows = _RowSet(pos[t0:t1], valid[t0:t1], i0, i1, stride)
         mass, allowed = _tile_mass(qs[:, :, :, t0 * S:t1 * S], khat_t[..., :kmax], m_c, is_causal, rows, b, h, cdt)
-        union, sizing = _union_sizing(allowed, m_c, is_causal, rows, tile, kmax, nk, b, h)
-        l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H, c]
+        if group > 1:
+            mass = mass.reshape(b, ng, group, t1 - t0, kmax).sum(2)  # [B, H/G, c, K]: the group's heads too
+        union, sizing = _union_sizing(allowed, m_c, is_causal, rows, tile, kmax, nk, b, h, group)
+        l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H/G, c]
         idx[:, :, t0:t1] = _top_lists(mass, union, l_tile, L)
-    return idx
+    return idx.repeat_interleave(group, dim=1) if group > 1 else idx  # [B, H, nT, L]
 
 
 def scored_positions(nq: int, tile: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -118,17 +123,17 @@ def _tile_mass(qs_c: Tensor, khat_t: Tensor, mask: Tensor | None, is_causal: boo
 
 
 def _union_sizing(allowed: Tensor | None, mask: Tensor | None, is_causal: bool, rows: _RowSet, tile: int,
-                  kmax: int, nk: int, b: int, h: int) -> tuple[Tensor, Tensor]:
-    """(union [B, H, c, K] bool, sizing [B, H, c]) over ALL queries of each tile. The scored rows' masks serve
-    when they cover the same keys: stride 1, or masks without a query dim (invalid slots repeat a query of their
-    own tile); a per-query mask at stride > 1 is re-read for every row."""
-    c, dev = rows.c, rows.pos.device
+                  kmax: int, nk: int, b: int, h: int, group: int = 1) -> tuple[Tensor, Tensor]:
+    """(union [B, H/G, c, K] bool, sizing [B, H/G, c]) over ALL queries of each tile (and of the G heads of a
+    group). The scored rows' masks serve when they cover the same keys: stride 1, or masks without a query dim
+    (invalid slots repeat a query of their own tile); a per-query mask at stride > 1 is re-read for every row."""
+    c, dev, hg = rows.c, rows.pos.device, h // group
     if allowed is None:
-        union = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev).expand(b, h, c, kmax)
-        return union, torch.full((b, h, c), nk, dtype=torch.int64, device=dev)
+        union = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev).expand(b, hg, c, kmax)
+        return union, torch.full((b, hg, c), nk, dtype=torch.int64, device=dev)
     if mask is None:  # causal only: a tile sees the keys up to its last query, none of them padding
         last = (rows.pos * rows.valid).amax(-1)  # [c]
-        union = (torch.arange(kmax, device=dev) <= last[:, None]).expand(b, h, c, kmax)
+        union = (torch.arange(kmax, device=dev) <= last[:, None]).expand(b, hg, c, kmax)
         return union, union.sum(-1)
     if rows.contiguous or mask.shape[2] == 1:
         strict, _ = rows.allowed(mask, is_causal, kmax, torch.float32, padding_too=False)
@@ -137,8 +142,10 @@ def _union_sizing(allowed: Tensor | None, mask: Tensor | None, is_causal: bool, 
         allowed, _ = query_allowed(mask, is_causal, rows.i0, rows.i1, kmax, torch.float32, dev)
         strict, _ = query_allowed(mask, is_causal, rows.i0, rows.i1, kmax, torch.float32, dev, padding_too=False)
         per_tile = tile
-    union = _tile_any(allowed, c, per_tile).expand(b, h, c, kmax)
-    return union, _tile_any(strict, c, per_tile).sum(-1).expand(b, h, c)
+    union, strict = _tile_any(allowed, c, per_tile), _tile_any(strict, c, per_tile)  # at the mask's broadcast shape
+    if union.shape[1] > 1:  # a per-head mask: the group's union (a head-less mask is the same for every head)
+        union, strict = group_any(union, group), group_any(strict, group)
+    return union.expand(b, hg, c, kmax), strict.sum(-1).expand(b, hg, c)
 
 
 def _top_lists(mass: Tensor, union: Tensor, l_tile: Tensor, L: int) -> Tensor:

@@ -64,6 +64,12 @@ def attention_scored_row(local, rows_in_tile, stride: int):
     return (rows_in_tile - 1 - local) % stride == 0
 
 
+def attention_list_group(heads: int, kv_heads: int, share_kv_lists: bool) -> int:
+    """G: how many consecutive query heads keep one key list per tile. share_kv_lists (GQA): the H / Hkv query
+    heads of one kv head share it (mass summed over them); otherwise every head keeps its own (G = 1)."""
+    return heads // kv_heads if share_kv_lists else 1
+
+
 PQ_FIT_KEYS = 1024  # k-means fits on at most this many keys: 64 per centroid at C = 16 is plenty for 3 Lloyd steps
 
 

@@ -37,6 +37,11 @@ OPTION_DOCS = {
                                "tile's list is chosen, dividing the selection's N x N work by s; every query still "
                                "attends exactly over the list; 1 = all queries score; only with attention_query_tile "
                                f">= 1 (capped at T), an integer >= 1 (default {DEFAULT_ATTENTION_SELECT_STRIDE})",
+    "attention_share_kv_lists": "GQA: the query heads of one kv head keep ONE key list per tile (the estimated mass "
+                                "summed over them too), so the CPU path gathers each kept key once per kv head "
+                                "(bench/attention_tiles.py gqa: faster selection and attention); costs quality "
+                                "(MiniLM cosine -0.015 at density 0.125 with 4 heads per list, README); no effect "
+                                "without GQA or with attention_query_tile 0 (default False)",
     "pq_subspaces": "PQ sub-spaces per head (M); must divide the head dim, else the largest divisor <= M is used and reported (default 8)",
     "pq_centroids": "k-means centroids per sub-space (C), 2..256 (default 16)",
     "pq_kmeans_iters": "Lloyd iterations when fitting the key codebooks, 0..20 (default 3)",
@@ -60,6 +65,7 @@ class SptOptions:
     attention_query_tile: int = DEFAULT_ATTENTION_QUERY_TILE
     attention_min_keys: int = DEFAULT_ATTENTION_MIN_KEYS
     attention_select_stride: int = DEFAULT_ATTENTION_SELECT_STRIDE
+    attention_share_kv_lists: bool = False
     pq_subspaces: int = 8
     pq_centroids: int = 16
     pq_kmeans_iters: int = 3
@@ -90,8 +96,9 @@ class SptOptions:
         _check_choice("ffn_router", self.ffn_router, _ROUTERS)
         _check_int("ffn_router_rank", self.ffn_router_rank, 1, None)
         _check_int("ffn_router_refresh", self.ffn_router_refresh, 1, None)
-        if not isinstance(self.ffn_cluster, bool):
-            raise ValueError(f"spt option 'ffn_cluster' must be a bool, got {self.ffn_cluster!r}")
+        for key in ("attention_share_kv_lists", "ffn_cluster"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"spt option {key!r} must be a bool, got {getattr(self, key)!r}")
         _check_choice("inner_backend", self.inner_backend, _INNER_BACKENDS)
 
     @classmethod

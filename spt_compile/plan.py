@@ -35,6 +35,7 @@ class AttentionPlan:
     T: int                  # queries per tile sharing one key list (0: the per-query op; 1: tiles of one query)
     L_min: int              # floor of a tile's key list (the op's min_keys; unused when T = 0)
     select_stride: int      # every s-th query of a tile scores keys (the op's select_stride; 1 when T = 0)
+    share_kv_lists: bool    # GQA: a kv head's query heads share each tile's list (T >= 1 and H > Hkv only)
     is_causal: bool         # the op's is_causal (sizes the tiles' lists: L_max <= min(Nk, Nq) when causal)
     L_first: int | None     # T >= 1: the first tile's list length from shapes (< L under causality), else None
     M: int                  # PQ sub-spaces
@@ -51,6 +52,8 @@ class AttentionPlan:
         out = {"density": self.density, "L": self._slots_text(), "T": self.T}
         if self.T:
             out.update(L_min=self.L_min, L_tile=self.tile_keys_text(), select_stride=self.select_stride)
+            if self.share_kv_lists:
+                out["share_kv_lists"] = True
         out.update(M=self.M, C=self.C, kv_heads=self.kv_heads, dropout=self.dropout, mode=self.mode)
         if self.mode == RUNTIME:
             out["min_seq_len"] = self.min_seq_len
@@ -127,7 +130,9 @@ def plan_attention(m, options: SptOptions) -> AttentionPlan | str:
     tile = options.attention_query_tile
     # stride >= T scores only each tile's last query, as stride = T does; the per-query op scores every query
     stride = min(options.attention_select_stride, tile) if tile else 1
+    share = bool(options.attention_share_kv_lists and tile and heads > kv_heads)  # else nothing to share
     common = dict(density=options.attention_density, T=tile, L_min=options.attention_min_keys, select_stride=stride,
+                  share_kv_lists=share,
                   is_causal=bool(m.is_causal), M=subspaces, C=options.pq_centroids,
                   kmeans_iters=options.pq_kmeans_iters, kv_heads=kv_heads, dropout=float(m.dropout_p),
                   scale=float(scale), notes=tuple(notes))

@@ -88,8 +88,10 @@ def _rewrite_attention(graph: fx.Graph, m: AttentionMatch, plan: AttentionPlan) 
         args = (q, k, v, mask, bool(m.is_causal), plan.scale, float(plan.density), int(plan.M), int(plan.C),
                 int(plan.kmeans_iters), float(plan.dropout), seed)
         if op_takes_min_seq_len():
-            # the op's trailing arguments: run-time threshold, the query tile T, its floor L_min, the scoring stride
-            args += (int(plan.min_seq_len), int(plan.T), int(plan.L_min), int(plan.select_stride))
+            # the op's trailing arguments: run-time threshold, the query tile T, its floor L_min, the scoring
+            # stride, lists shared by a kv head's query heads
+            args += (int(plan.min_seq_len), int(plan.T), int(plan.L_min), int(plan.select_stride),
+                     bool(plan.share_kv_lists))
         op = add("call_function", torch.ops.spt.pq_sparse_attention.default, args)
         result = add("call_function", operator.getitem, (op, 0))
         if m.batch_heads_flat:

@@ -128,16 +128,21 @@ def tile_allowed_indices(mask: Tensor | None, is_causal: bool, shape: tuple[int,
 
 
 def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
-                 tile: int, density: float, min_keys: int, L: int, *, stride: int = 1,
+                 tile: int, density: float, min_keys: int, L: int, *, stride: int = 1, group: int = 1,
                  chunk: int | None = None) -> Tensor:
     """idx [B, H, ceil(Nq/T), L] int32: per tile its top-L_tile keys by the per-query-normalised PQ mass summed
-    over the tile's scored queries (every stride-th, counted back from its last)."""
+    over the tile's scored queries (every stride-th, counted back from its last).
+
+    group = G > 1 (share_kv_lists, lowering.formulas.attention_list_group): G consecutive query heads keep ONE
+    list per tile, by the mass summed over their heads too; the group's tile may see the keys some query of
+    some of its heads may attend to (the sizing of step 2 over that union). G = 1 is per-head lists."""
     b, h, nq, d = q.shape
     hkv, nk = codes.shape[1], codes.shape[2]
     grp = h // hkv
+    ng = check_group(h, group)
     nt = attention_num_tiles(nq, tile)
     khat_t = reconstruct_keys(codebooks, codes).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Nk] fp32
-    idx = torch.full((b, h, nt, L), -1, dtype=torch.int32, device=q.device)
+    idx = torch.full((b, ng, nt, L), -1, dtype=torch.int32, device=q.device)
     step = tile_chunk(nt, b * h * tile * nk, chunk)
     for t0 in range(0, nt, step):
         t1 = min(nt, t0 + step)
@@ -152,20 +157,39 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
         scored = scored_rows(i0, i1, nq, tile, stride, q.device).to(s.dtype)[:, None]  # [rows, 1] 0/1
         mass = _tile_view(_slot_softmax(s) * scored, c, tile).sum(3)  # [B, H, c, Nk]: per-query softmax, summed
         del s
+        mass = mass.reshape(b, ng, group, c, nk).sum(2)  # [B, H/G, c, Nk]: and over the group's heads
         if allowed is None:
-            union = torch.ones((b, h, c, nk), dtype=torch.bool, device=q.device)
-            sizing = torch.full((b, h, c), nk, dtype=torch.int64, device=q.device)
+            union = torch.ones((b, ng, c, nk), dtype=torch.bool, device=q.device)
+            sizing = torch.full((b, ng, c), nk, dtype=torch.int64, device=q.device)
         else:
-            union = _tile_any(allowed, c, tile).expand(b, h, c, nk)
+            union = group_any(_tile_any(allowed, c, tile).expand(b, h, c, nk), group)
             strict, _ = query_allowed(mask, is_causal, i0, i1, nk, torch.float32, q.device, padding_too=False)
-            sizing = _tile_any(strict, c, tile).sum(-1).expand(b, h, c)
-        l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H, c]
+            sizing = group_any(_tile_any(strict, c, tile).expand(b, h, c, nk), group).sum(-1)
+        l_tile = torch.minimum(attention_tile_keys(sizing, density, min_keys), union.sum(-1))  # [B, H/G, c]
         kk = min(L, nk)
         # stable descending sort: equal masses keep the lower key first (a deterministic contract)
         top = torch.sort(mass.masked_fill(~union, -1.0), dim=-1, descending=True, stable=True).indices[..., :kk]
         valid = torch.arange(kk, device=q.device) < l_tile[..., None]  # first L_tile by mass (all candidates)
         idx[:, :, t0:t1] = _ascending_first(top, valid, L)
-    return idx
+    return idx.repeat_interleave(group, dim=1) if group > 1 else idx  # [B, H, nT, L]
+
+
+def check_group(heads: int, group: int) -> int:
+    """Groups of `group` consecutive query heads; `group` must divide the number of heads. Returns H / G."""
+    if not isinstance(group, int) or group < 1 or heads % group:
+        raise ValueError(f"group={group!r} must be a positive int dividing the {heads} query heads")
+    return heads // group
+
+
+def group_any(x: Tensor, group: int) -> Tensor:
+    """[B, H, c, Nk] bool -> [B, H/G, c, Nk]: True where some head of the group has it. A head dim broadcast
+    by expand (stride 0: every head alike) is sliced, not reduced."""
+    if group == 1:
+        return x
+    if x.stride(1) == 0:
+        return x[:, ::group]
+    b, h, c, nk = x.shape
+    return x.reshape(b, h // group, group, c, nk).any(2)
 
 
 # ----------------------------------------------------------------------------------------------------------

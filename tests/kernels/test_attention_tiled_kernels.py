@@ -89,6 +89,16 @@ def mass64(q, cb, codes, mask, causal, scale, tile, stride=1):
     return p.sum(3).masked_fill(~okt, -1.0)
 
 
+def group_mass(m, group):
+    """[B, H, nT, Nk] tile masses (-1 outside the union, alike for a group's heads) -> summed over each group of
+    G heads, repeated to every head of it (the shared lists' mass)."""
+    if group == 1:
+        return m
+    b, h, nt, nk = m.shape
+    summed = m.clamp_min(0).reshape(b, h // group, group, nt, nk).sum(2).repeat_interleave(group, 1)
+    return torch.where(m >= 0, summed, -1.0)
+
+
 def kept_mass(m, idx):
     """Descending masses of idx's valid slots, -inf padded [B, H, nT, L], and their sum per tile."""
     got = m.gather(-1, idx.long().clamp_min(0)).masked_fill(idx < 0, -math.inf)
@@ -101,16 +111,18 @@ def kept_mass(m, idx):
        nk=st.integers(2, 70), d=st.sampled_from([32, 64]),
        density=st.floats(0.05, 0.6), min_keys=st.integers(1, 12), kind=st.sampled_from(MASKS),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), full_row=st.booleans(), seed=st.integers(0, 99),
-       stride=st.sampled_from([1, 3]))
+       stride=st.sampled_from([1, 3]), share=st.booleans())
 def test_select_tiles_vs_reference_and_fp64(b, hkv, grp, nq, nk, d, tile, density, min_keys, kind, dtype, full_row,
-                                            seed, stride):
+                                            seed, stride, share):
     g, q, k, _, mask, causal = problem(b, hkv, grp, nq, nk, d, 16, tile, kind, dtype, seed, full_row)
     nq = q.shape[2]
     cb, codes = ref.pq_quantize(k, d // 16, 8, 2)
     scale = d ** -0.5
     L = attention_tile_slots(nq, nk, density, min_keys, causal)
-    idx = ksel.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride)
-    ridx = ta.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride)
+    # shared lists (share_kv_lists): the op routes a per-head mask to the plain selection, so the kernel never sees it
+    group = grp if share and (mask is None or mask.shape[1] == 1) else 1
+    idx = ksel.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride, group=group)
+    ridx = ta.select_tiles(q, cb, codes, mask, causal, scale, tile, density, min_keys, L, stride=stride, group=group)
     nt = attention_num_tiles(nq, tile)
     assert idx.shape == (b, q.shape[1], nt, L) and idx.dtype == torch.int32
     # the reference's L_tile per tile, valid slots first, ascending (so distinct), only keys some query may see
@@ -118,16 +130,19 @@ def test_select_tiles_vs_reference_and_fp64(b, hkv, grp, nq, nk, d, tile, densit
     assert torch.equal(n, (ridx >= 0).sum(-1))
     assert torch.equal(idx >= 0, torch.arange(L) < n[..., None])
     assert bool(((idx[..., 1:] > idx[..., :-1]) | (idx[..., 1:] < 0)).all())
-    m64 = mass64(q, cb, codes, mask, causal, scale, tile, stride)
+    if group > 1:
+        lists = idx.reshape(b, -1, group, nt, L)
+        assert bool((lists == lists[:, :, :1]).all()), "a group's heads share one list"
+    m64 = group_mass(mass64(q, cb, codes, mask, causal, scale, tile, stride), group)
     got, got_sum = kept_mass(m64, idx)
     want, want_sum = kept_mass(m64, ridx)
     assert bool((got[torch.isfinite(got)] >= 0).all()), "a kept key no query of the tile may attend to"
     # lost mass: exact top-L of fp32 masses; they differ from fp64 by rounding only, so the kept masses match
     # the reference's up to ties reordered by that rounding (a tile's mass sums to at most T)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=1e-5 * tile)
+    torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=1e-5 * tile * group)
     fin = torch.isfinite(want)
-    torch.testing.assert_close(got[fin], want[fin], rtol=0, atol=1e-5 * tile)
+    torch.testing.assert_close(got[fin], want[fin], rtol=0, atol=1e-5 * tile * group)
 
 
 def test_select_tiles_ties_and_chunks():

@@ -60,17 +60,19 @@ def test_tiled_forward_backward_vs_reference_and_fp64(dtype, kind, kernel_path):
         assert max_err(g, r) <= 8 * ULP[dtype] * top + FLOOR[dtype], f"{name} vs reference"
 
 
-@pytest.mark.parametrize("stride", [1, 4], ids=["stride1", "stride4"])
+@pytest.mark.parametrize("stride,group", [(1, 1), (4, 1), (4, 2)], ids=["stride1", "stride4", "stride4-shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tiled_select_vs_reference(dtype, stride, kernel_path):
+def test_tiled_select_vs_reference(dtype, stride, group, kernel_path):
     from spt_compile.kernels.attention_tiled_select import select_tiles
     B, H, Hkv, N, D = 1, 4, 2, size(512, 48), 64
     q, k, _, mask, causal, _ = make_problem(B, H, Hkv, N, N, D, D, dtype, "causal", seed=12)
     cb, codes = ref.pq_quantize(k, 8, 16, 2)
     density, min_keys = 0.25, 4
     L = attention_tile_slots(N, N, density, min_keys, causal)
-    idx = select_tiles(*dev(q, cb, codes, mask), causal, D ** -0.5, TILE, density, min_keys, L, stride=stride).cpu()
-    ridx = ta.select_tiles(q, cb, codes, mask, causal, D ** -0.5, TILE, density, min_keys, L, stride=stride)
+    idx = select_tiles(*dev(q, cb, codes, mask), causal, D ** -0.5, TILE, density, min_keys, L, stride=stride,
+                       group=group).cpu()
+    ridx = ta.select_tiles(q, cb, codes, mask, causal, D ** -0.5, TILE, density, min_keys, L, stride=stride,
+                           group=group)
     assert idx.shape == ridx.shape == (B, H, attention_num_tiles(N, TILE), L) and idx.dtype == torch.int32
     assert torch.equal((idx >= 0).sum(-1), (ridx >= 0).sum(-1))      # the same number of keys per tile
     keep = tile_keep(idx, N, N)

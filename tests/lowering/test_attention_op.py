@@ -423,9 +423,11 @@ BAD = [
     ("mask_shape", dict(mask=torch.ones(1, 1, 5, 8, dtype=torch.bool)), "mask shape"),
     ("mask_dtype", dict(mask=torch.ones(1, 1, 6, 8, dtype=torch.int32)), "mask dtype"),
     ("scale", dict(scale=float("nan")), "scale"),
-    # the trailing schema arguments, positionally: min_seq_len, query_tile, min_keys, select_stride
+    # the trailing schema arguments, positionally: min_seq_len, query_tile, min_keys, select_stride, share_kv_lists
     ("select_stride0", dict(min_seq_len=0, query_tile=4, min_keys=4, select_stride=0), "select_stride must be"),
     ("select_stride_no_tiles", dict(min_seq_len=0, query_tile=0, min_keys=4, select_stride=2), "needs query tiles"),
+    ("share_no_tiles", dict(min_seq_len=0, query_tile=0, min_keys=4, select_stride=1, share_kv_lists=True),
+     "share_kv_lists=True needs query tiles"),
 ]
 
 

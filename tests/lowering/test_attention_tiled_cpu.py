@@ -21,8 +21,9 @@ from spt_compile.lowering.reference import tiled_attention as ta
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fp64_tile_mass(q, cb, codes, mask, causal, scale, tile):
-    """[B, H, nT, Nk] fp64: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile."""
+def fp64_tile_mass(q, cb, codes, mask, causal, scale, tile, stride=1):
+    """[B, H, nT, Nk] fp64: per-query softmax of the PQ-estimated logits over allowed keys, summed per tile over
+    its scored queries (every stride-th counted back from its last)."""
     b, h, nq, _ = q.shape
     nk = codes.shape[2]
     khat = ref.reconstruct_keys(cb, codes).double().repeat_interleave(h // codes.shape[1], 1)
@@ -34,12 +35,17 @@ def fp64_tile_mass(q, cb, codes, mask, causal, scale, tile):
         s = s + torch.where(torch.isfinite(mask), mask.double(), 0.0)
         allowed = allowed & torch.isfinite(mask)
     p = torch.softmax(s.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+    p = p * ta.scored_rows(0, nq, nq, tile, stride, q.device)[:, None]
     nt = attention_num_tiles(nq, tile)
     return torch.nn.functional.pad(p, (0, 0, 0, nt * tile - nq)).reshape(b, h, nt, tile, nk).sum(3)
 
 
-def kept_mass(mass, idx):
-    """Sum of mass over each tile's kept keys. mass [B, H, nT, Nk], idx [B, H, nT, L] (-1 = empty)."""
+def kept_mass(mass, idx, group=1):
+    """Sum of mass over each tile's kept keys. mass [B, H, nT, Nk], idx [B, H, nT, L] (-1 = empty); group > 1:
+    the lists shared by G heads (the first head's) over the mass summed over the group."""
+    if group > 1:
+        b, h, nt, nk = mass.shape
+        mass, idx = mass.reshape(b, h // group, group, nt, nk).sum(2), idx[:, ::group]
     got = torch.gather(mass, -1, idx.long().clamp(min=0))
     return (got * (idx >= 0)).sum(-1)
 
@@ -50,7 +56,8 @@ def cases(draw):
     n = draw(st.integers(2, 160))
     return dict(n=n, tile=tile, causal=draw(st.booleans()), hkv=draw(st.sampled_from([1, 2])),
                 grp=draw(st.sampled_from([1, 2])), pad=draw(st.booleans()), density=draw(st.sampled_from([0.125, 0.25])),
-                seed=draw(st.integers(0, 2 ** 16)), stride=draw(st.sampled_from([1, 2, 3])))
+                seed=draw(st.integers(0, 2 ** 16)), stride=draw(st.sampled_from([1, 2, 3])), share=draw(st.booleans()),
+                head_mask=draw(st.booleans()))
 
 
 def setup(c, d=32):
@@ -59,9 +66,11 @@ def setup(c, d=32):
     q = 1.5 * torch.randn(1, h, c["n"], d, generator=g)  # logits of a few units, like trained attention
     k = torch.randn(1, c["hkv"], c["n"], d, generator=g)
     mask = None
-    if c["pad"]:
-        mask = torch.zeros(1, 1, 1, c["n"])
-        mask[..., c["n"] - c["n"] // 3:] = -math.inf
+    if c["pad"]:  # padding; per head (a different cut per head) when head_mask: the group's union matters
+        heads = h if c["head_mask"] else 1
+        mask = torch.zeros(1, heads, 1, c["n"])
+        for i in range(heads):
+            mask[:, i, :, c["n"] - c["n"] // (3 + i):] = -math.inf
     cb, codes = ref.pq_quantize(k, 8, 16, 2)
     L = attention_tile_slots(c["n"], c["n"], c["density"], 8, c["causal"])
     return q, cb, codes, mask, L
@@ -72,14 +81,19 @@ def setup(c, d=32):
 def test_fp32_selection_keeps_the_reference_mass(c):
     q, cb, codes, mask, L = setup(c)
     scale = q.shape[-1] ** -0.5
+    group = c["grp"] if c["share"] else 1  # share_kv_lists: the query heads of a kv head share lists
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fast, "BF16_SCORING", False)
         got = fast_select.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L,
-                                       stride=c["stride"])
-    want = ta.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L, stride=c["stride"])
+                                       stride=c["stride"], group=group)
+    want = ta.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L, stride=c["stride"],
+                           group=group)
     assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1)), "L_tile per tile"
-    mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"])
-    a, b = kept_mass(mass, got), kept_mass(mass, want)
+    if group > 1:
+        lists = got.reshape(got.shape[0], -1, group, *got.shape[2:])
+        assert (lists == lists[:, :, :1]).all(), "a group's heads share one list"
+    mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"], c["stride"])
+    a, b = kept_mass(mass, got, group), kept_mass(mass, want, group)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), (a - b).abs().max()
 
 

@@ -29,7 +29,12 @@ from spt_compile.lowering.reference import tiled_attention as ta
 TILES = (1, 5, 16, 64)
 MASKS = ("none", "causal", "bool", "pad_inf", "pad_finfo_min", "bias", "bias_causal")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-IMPLS = {"reference": ta, "cpu": types.SimpleNamespace(
+# the reference attends per head whatever the lists (group is the CPU path's layout choice, not semantics)
+IMPLS = {"reference": types.SimpleNamespace(
+    select_tiles=ta.select_tiles,
+    tiled_attention_forward=lambda *a, group=1, **kw: ta.tiled_attention_forward(*a, **kw),
+    tiled_attention_backward=lambda *a, group=1, **kw: ta.tiled_attention_backward(*a, **kw)),
+    "cpu": types.SimpleNamespace(
     select_tiles=fast_select.select_tiles, tiled_attention_forward=fast.tiled_attention_forward,
     tiled_attention_backward=fast.tiled_attention_backward)}
 
@@ -103,7 +108,12 @@ def cases(draw):
                 tile=tile, kind=draw(st.sampled_from(MASKS)), full_row=draw(st.booleans()),
                 density=draw(st.sampled_from([0.125, 0.25, 0.5, 1.0])), min_keys=draw(st.sampled_from([1, 4, 64])),
                 dropout=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)),
-                stride=draw(st.sampled_from([1, 1, 2, 3])))
+                stride=draw(st.sampled_from([1, 1, 2, 3])), share=draw(st.booleans()))
+
+
+def group_of(c):
+    """G: heads per shared list (the op's share_kv_lists: the H / Hkv query heads of a kv head)."""
+    return c["h"] // c["hkv"] if c["share"] else 1
 
 
 def scored_weights(nq, tile, stride):
@@ -127,20 +137,21 @@ def setup(c, dtype=torch.float64):
     return q, k, v, dout, mask, causal, trainable
 
 
-def select(q, k, mask, causal, c, scale, impl=ta):
+def select(q, k, mask, causal, c, scale, impl=IMPLS["reference"]):
     L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
     if c["density"] >= 1.0:
         return ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"], L, q.device)
     cb, codes = ref.pq_quantize(k.float(), 4, 4, 1)
     return impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L,
-                             stride=c["stride"])
+                             stride=c["stride"], group=group_of(c))
 
 
-def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None, impl=ta):
+def run_tiled(q, k, v, dout, mask, trainable, causal, scale, idx, c, seed_t, chunk=None, impl=IMPLS["reference"]):
+    g = group_of(c)
     out, lse = impl.tiled_attention_forward(q, k, v, idx, mask, causal, scale, c["tile"], c["dropout"], seed_t,
-                                            chunk=chunk)
+                                            group=g, chunk=chunk)
     dq, dk, dv, dm = impl.tiled_attention_backward(dout, q, k, v, out, lse, idx, mask, causal, scale, c["tile"],
-                                                   c["dropout"], seed_t, trainable, chunk=chunk)
+                                                   c["dropout"], seed_t, trainable, group=g, chunk=chunk)
     return [out, dq, dk, dv] + ([dm] if trainable else []), lse
 
 
@@ -212,7 +223,7 @@ def _check_selection_contract(impl, c):
     q, k, _, _, mask, causal, _ = setup(c, torch.float32)
     q, k = q.float(), k.float()
     scale = 1 / math.sqrt(c["d"])
-    c = {**c, "density": min(c["density"], 0.5)}
+    c = {**c, "density": min(c["density"], 0.5), "share": False}  # shared lists: test_tiled_group_select.py
     cb, codes = ref.pq_quantize(k, 4, 4, 1)
     L = attention_tile_slots(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
     idx = impl.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"], L,
@@ -293,9 +304,10 @@ OP = torch.ops.spt.pq_sparse_attention.default
 
 
 def tiled_sparse_attention(q, k, v, mask=None, is_causal=False, scale=None, density=0.25, tile=64, min_keys=64,
-                           m=8, c=16, iters=3, dropout_p=0.0, seed=None, min_seq_len=0):
+                           m=8, c=16, iters=3, dropout_p=0.0, seed=None, min_seq_len=0, stride=1, share=False):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return OP(q, k, v, mask, is_causal, scale, density, m, c, iters, dropout_p, seed, min_seq_len, tile, min_keys)
+    return OP(q, k, v, mask, is_causal, scale, density, m, c, iters, dropout_p, seed, min_seq_len, tile, min_keys,
+              stride, share)
 
 
 def test_saved_bytes_are_out_lse_idx_only_and_within_2x_sdpa():
@@ -350,8 +362,44 @@ def test_opcheck_query_tiles():
     for args in ((q, k, v, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 0, 5, 2),
                  (q, k2, v2, mask, False, 0.3, 0.3, 2, 4, 1, 0.2, torch.tensor(3), 0, 4, 3),
                  (q, k2, v2, mask, False, 0.3, 1.0, 2, 4, 1, 0.0, None, 0, 16, 3),
-                 (q, k, v, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 32, 4, 2)):
+                 (q, k, v, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 32, 4, 2),
+                 (q, k2, v2, None, True, 0.3, 0.3, 2, 4, 1, 0.0, None, 0, 4, 2, 2, True),  # shared lists (GQA)
+                 (q, k2, v2, mask, False, 0.3, 0.3, 2, 4, 1, 0.0, None, 0, 4, 2, 1, True)):
         torch.library.opcheck(OP, args)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(cases())
+def test_op_shared_lists_attend_exactly_over_them(c):
+    """share_kv_lists through the op (sparse, fp64): the heads of a kv head get one list per tile, sized as the
+    reference's group selection (group = H / Hkv), and out and every gradient equal the dense formulation over
+    those lists."""
+    c = {**c, "share": True, "density": min(c["density"], 0.5)}
+    q, k, v, dout, mask, causal, trainable = setup(c)
+    scale = 1 / math.sqrt(c["d"])
+    seed_t = torch.tensor(c["seed"]) if c["dropout"] > 0 else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((mask,) if trainable else ())]
+    out, idx, _ = tiled_sparse_attention(*leaves[:3], leaves[3] if trainable else mask, causal, scale, c["density"],
+                                         c["tile"], c["min_keys"], 4, 4, 1, c["dropout"], seed_t, 0, c["stride"], True)
+    got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
+    if not ta_is_exact(c, causal):
+        cb, codes = ref.pq_quantize(k, 4, 4, 1)
+        want_idx = ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"],
+                                   idx.shape[-1], stride=c["stride"], group=group_of(c))
+        assert torch.equal((idx >= 0).sum(-1), (want_idx >= 0).sum(-1)), "L_tile of the group's union"
+        lists = idx.reshape(c["b"], c["hkv"], group_of(c), *idx.shape[2:])
+        assert torch.equal(lists, lists[:, :, :1].expand_as(lists)), "a kv head's query heads share one list"
+        # (which keys: the fast selection keeps the reference's mass, test_attention_tiled_cpu.py)
+    keep = ref.dropout_keep((c["b"], c["h"], c["nq"], idx.shape[-1]), c["dropout"], seed_t, q.device) \
+        if c["dropout"] > 0 else None
+    want = run_dense(q, k, v, dout, mask, trainable, causal, scale, idx, c, keep)
+    for name, a, t in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
+        assert (a - t).abs().max().item() <= 1e-10 * max(1.0, t.abs().max().item()), name
+
+
+def ta_is_exact(c, causal):
+    from spt_compile.lowering.formulas import attention_tile_is_exact
+    return attention_tile_is_exact(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
 
 
 @settings(max_examples=20, **SETTINGS)
@@ -363,7 +411,7 @@ def test_op_query_tiles_exact_mode_equals_sdpa(c):
     scale = 1 / math.sqrt(c["d"])
     leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((mask,) if trainable else ())]
     out, idx, _ = tiled_sparse_attention(*leaves[:3], leaves[3] if trainable else mask, causal, scale, 1.0,
-                                         c["tile"], c["min_keys"])
+                                         c["tile"], c["min_keys"], share=c["share"])
     got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
     full = ta.tile_allowed_indices(mask, causal, (c["b"], c["h"], c["nq"], c["nk"]), c["tile"],
                                    attention_tile_slots(c["nq"], c["nk"], 1.0, 1, causal), q.device)

@@ -1,6 +1,6 @@
-"""Group-shared query-tile selection (lowering/reference/tiled_group_select.py) against an independent fp64
-formulation: one list per (group of query heads, tile), top L_tile keys by the per-query-normalised PQ mass
-summed over the tile's queries and the group's heads; group=1 is select_tiles exactly."""
+"""Group-shared query-tile selection (lowering/reference/tiled_attention.select_tiles with group = G, the op's
+share_kv_lists) against an independent fp64 formulation: one list per (group of query heads, tile), top L_tile
+keys by the per-query-normalised PQ mass summed over the tile's scored queries and the group's heads."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,6 @@ import torch
 from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys, attention_tile_slots
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
-from spt_compile.lowering.reference.tiled_group_select import select_tiles_grouped
 
 # (b, h, hkv, nq, nk, tile, mask kind): N not a multiple of T, T not a power of two, GQA, per-head masks
 CASES = [(1, 4, 4, 37, 37, 5, "none"), (2, 4, 2, 50, 50, 16, "causal"), (1, 8, 8, 40, 33, 8, "bias"),
@@ -44,25 +43,15 @@ def allowed_dense(mask, causal, b, h, nq, nk, strict=False):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_group_one_is_select_tiles(case):
-    q, k, mask, causal, tile = make(case)
-    cb, codes = ref.pq_quantize(k, 4, 4, 2)
-    L = attention_tile_slots(q.shape[2], k.shape[2], 0.3, 6, causal)
-    want = ta.select_tiles(q, cb, codes, mask, causal, 0.25, tile, 0.3, 6, L)
-    got = select_tiles_grouped(q, cb, codes, mask, causal, 0.25, tile, 0.3, 6, L, 1)
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("group", [2, 4])
-def test_group_lists_are_shared_top_mass(case, group):
+@pytest.mark.parametrize("group,stride", [(1, 1), (2, 1), (4, 1), (2, 3), (4, 4)])
+def test_group_lists_are_shared_top_mass(case, group, stride):
     q, k, mask, causal, tile = make(case, seed=group)
     b, h, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     density, lmin, scale = 0.3, 6, 0.25
     cb, codes = ref.pq_quantize(k, 4, 4, 2)
     L = attention_tile_slots(nq, nk, density, lmin, causal)
-    idx = select_tiles_grouped(q, cb, codes, mask, causal, scale, tile, density, lmin, L, group)
+    idx = ta.select_tiles(q, cb, codes, mask, causal, scale, tile, density, lmin, L, stride=stride, group=group)
     nt, ng = attention_num_tiles(nq, tile), h // group
     assert idx.shape == (b, h, nt, L) and idx.dtype == torch.int32
     lists = idx.reshape(b, ng, group, nt, L)
@@ -90,7 +79,8 @@ def test_group_lists_are_shared_top_mass(case, group):
     s = s.masked_fill(~allowed, -math.inf)
     row = allowed.any(-1, keepdim=True)
     p = torch.where(row, torch.softmax(s.masked_fill(~row, 0.0), -1), 0.0)
-    mass = per_group_tile(p)
+    scored = ta.scored_rows(0, nq, nq, tile, stride, q.device)  # [Nq]: the rows whose softmax counts
+    mass = per_group_tile(p * scored[:, None])
     worst_kept = mass.masked_fill(~sel, math.inf).amin(-1)
     best_left = mass.masked_fill(sel | ~union, -math.inf).amax(-1)
     assert (best_left <= worst_kept + 1e-5 * (1 + mass.amax())).all(), "a left-out key had more group mass"
@@ -101,4 +91,4 @@ def test_bad_group_is_named():
     cb, codes = ref.pq_quantize(k, 4, 4, 1)
     for bad in (0, 3, 2.0):
         with pytest.raises(ValueError, match="group"):
-            select_tiles_grouped(q, cb, codes, mask, causal, 0.25, tile, 0.3, 6, 12, bad)
+            ta.select_tiles(q, cb, codes, mask, causal, 0.25, tile, 0.3, 6, 12, group=bad)

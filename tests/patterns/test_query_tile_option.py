@@ -36,6 +36,7 @@ OP = torch.ops.spt.pq_sparse_attention.default
     ({"attention_min_keys": 2.5}, "'attention_min_keys' must be an integer >= 1"),
     ({"attention_select_stride": 0}, "'attention_select_stride' must be an integer >= 1"),
     ({"attention_select_stride": 2.0}, "'attention_select_stride' must be an integer >= 1"),
+    ({"attention_share_kv_lists": 1}, "'attention_share_kv_lists' must be a bool"),
 ])
 def test_bad_tile_options_raise_naming_them(options, needle):
     with pytest.raises(ValueError) as e:
@@ -123,8 +124,9 @@ def test_cross_attention_causal_and_bidirectional_l_max():
 
 # --- rewrite --------------------------------------------------------------------------------------------
 
-def _op_calls(model, args, options):
-    """(the rewritten graphs' pq_sparse_attention arguments by schema name, the report)."""
+def _op_calls(model, args, options, kwargs=None, out=None):
+    """(the rewritten graphs' pq_sparse_attention arguments by schema name, the report); out: a list that gets
+    the model's output (the rewritten graph runs eagerly, with autograd)."""
     calls, report = [], Report()
 
     def backend(gm, example_inputs, **_):
@@ -133,7 +135,9 @@ def _op_calls(model, args, options):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=backend)(*args)
+    result = torch.compile(model, backend=backend)(*args, **(kwargs or {}))
+    if out is not None:
+        out.append(result)
     return calls, report
 
 
@@ -202,6 +206,35 @@ def test_training_step_at_default_density_with_tiles_has_finite_loss():
     sites = spt_compile.last_report().rewritten("attention")
     # default density 0.25: L_max = max(16, ceil(0.25 * 192)) = 48 < 192 keys, so the tiles really are sparse
     assert len(sites) == 2 and all((s.plan.T, s.plan.L, s.plan.mode) == (64, 48, "sparse") for s in sites)
+
+
+def test_shared_kv_lists_reach_the_op_on_gqa_and_exact_mode_still_equals_eager():
+    """attention_share_kv_lists: planned (and passed to the op) only where there is something to share (T >= 1,
+    H > Hkv); the HF LLaMA (4 query heads, 2 kv heads) then trains with one list per kv head and tile, and in
+    exact mode still equals eager (output and every gradient)."""
+    site, _ = _site("causal", 300, attention_query_tile=16, attention_share_kv_lists=True)
+    assert site.plan.share_kv_lists is True and site.params["share_kv_lists"] is True  # the toy: 4 heads, 2 kv
+    torch.manual_seed(0)
+    mha = ToyTransformer(ToyConfig(attention="sdpa", mask="causal", kv_heads=4))
+    x, lengths = torch.randn(1, 300, 32), torch.tensor([300])
+    for tile, share in ((16, True), (0, True), (16, False)):  # nothing to share without GQA or without tiles
+        report = spt_compile.explain(mha if tile else _toy(), x, lengths, options={
+            "min_seq_len": 0, "ffn": "dense", "attention_query_tile": tile, "attention_share_kv_lists": share})
+        [site] = report.rewritten("attention")
+        assert site.plan.share_kv_lists is False and "share_kv_lists" not in site.params
+    model, n = _hf("llama"), 192
+    options = {"attention_query_tile": 64, "attention_min_keys": 16, "min_seq_len": 0, "ffn": "dense",
+               "attention_share_kv_lists": True}
+    got = []
+    calls, _ = _op_calls(model, (), options, kwargs=_ids("llama", n), out=got)
+    _logits(got[0]).float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert len(calls) == 2 and all(a["share_kv_lists"] is True for a in calls), calls
+    report = compare_with_eager(_hf("llama"), kwargs=_ids("llama", 100), pick=_logits,
+                                options={"attention_query_tile": 64, "ffn": "dense", "attention_share_kv_lists": True})
+    sites = report.rewritten("attention")
+    assert len(sites) == 2 and all(s.plan.share_kv_lists and s.plan.mode == "exact" for s in sites), str(report)
+    assert "share_kv_lists=True" in str(report)
 
 
 # --- report and savings ---------------------------------------------------------------------------------
