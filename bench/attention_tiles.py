@@ -39,7 +39,8 @@ import spt_compile.lowering  # noqa: E402,F401  registers torch.ops.spt.pq_spars
 from spt_compile.lowering.attention import pq_sparse_attention  # noqa: E402
 from spt_compile.lowering.formulas import attention_tile_is_exact, attention_tile_slots  # noqa: E402
 from spt_compile.lowering.reference import pq_attention as pq_ref  # noqa: E402
-from spt_compile.lowering.reference.tiled_attention import select_tiles, tiled_attention_forward  # noqa: E402
+from spt_compile.lowering.reference.tiled_attention import select_tiles as ref_select_tiles  # noqa: E402
+from spt_compile.lowering.reference.tiled_attention import tiled_attention_forward  # noqa: E402
 from spt_compile.options import DEFAULT_ATTENTION_SELECT_STRIDE  # noqa: E402
 
 
@@ -191,8 +192,8 @@ def make_group_attention(tile, density, group, min_keys=64, stride=1):
             raise ValueError(f"density {density} keeps every key at {nk} keys: nothing to share")
         L = attention_tile_slots(nq, nk, density, min_keys, False)
         cb, codes = pq_ref.pq_quantize(key, 8, 16, 3)
-        idx = select_tiles(query, cb, codes, attention_mask, False, scale, tile, density, min_keys, L,
-                           stride=stride, group=group)                                       # [B, H, nT, L]
+        idx = ref_select_tiles(query, cb, codes, attention_mask, False, scale, tile, density, min_keys, L,
+                               stride=stride, group=group)                                       # [B, H, nT, L]
         out, _ = tiled_attention_forward(query, key, value, idx, attention_mask, False, scale, tile, 0.0, None)
         return out.transpose(1, 2).contiguous(), None
     return attn

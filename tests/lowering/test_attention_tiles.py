@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from spt_compile.lowering import attention_tiled_cpu as fast
 from spt_compile.lowering import attention_tiled_cpu_select as fast_select
-from spt_compile.lowering.formulas import attention_num_tiles, attention_tile_keys, attention_tile_slots
+from spt_compile.lowering.formulas import (attention_num_tiles, attention_tile_is_exact, attention_tile_keys,
+                                          attention_tile_slots)
 from spt_compile.lowering.reference import pq_attention as ref
 from spt_compile.lowering.reference import tiled_attention as ta
 
@@ -382,7 +383,7 @@ def test_op_shared_lists_attend_exactly_over_them(c):
     out, idx, _ = tiled_sparse_attention(*leaves[:3], leaves[3] if trainable else mask, causal, scale, c["density"],
                                          c["tile"], c["min_keys"], 4, 4, 1, c["dropout"], seed_t, 0, c["stride"], True)
     got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
-    if not ta_is_exact(c, causal):
+    if not attention_tile_is_exact(c["nq"], c["nk"], c["density"], c["min_keys"], causal):
         cb, codes = ref.pq_quantize(k, 4, 4, 1)
         want_idx = ta.select_tiles(q, cb, codes, mask, causal, scale, c["tile"], c["density"], c["min_keys"],
                                    idx.shape[-1], stride=c["stride"], group=group_of(c))
@@ -396,10 +397,6 @@ def test_op_shared_lists_attend_exactly_over_them(c):
     for name, a, t in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
         assert (a - t).abs().max().item() <= 1e-10 * max(1.0, t.abs().max().item()), name
 
-
-def ta_is_exact(c, causal):
-    from spt_compile.lowering.formulas import attention_tile_is_exact
-    return attention_tile_is_exact(c["nq"], c["nk"], c["density"], c["min_keys"], causal)
 
 
 @settings(max_examples=20, **SETTINGS)
