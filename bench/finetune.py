@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -33,31 +34,52 @@ from bench._common import write_result  # noqa: E402
 from spt_compile.demo import fwd_bwd_peak, memory_label, speed_label  # noqa: E402
 from spt_compile.stacks import TrainStep, build_stack, stack_inputs  # noqa: E402
 
-DENSITIES = ((0.5, 0.5), (0.25, 0.5), (0.25, 0.25))  # (attention, ffn)
+from spt_compile.options import SptOptions  # noqa: E402
+
+DEFAULT_DENSITIES = (SptOptions().attention_density, SptOptions().ffn_density)  # (attention, ffn)
+# the defaults first: a cell without `all` runs only them (the targets are stated at the default densities)
+DENSITIES = (DEFAULT_DENSITIES,) + tuple(d for d in ((0.5, 0.5), (0.25, 0.5), (0.25, 0.25)) if d != DEFAULT_DENSITIES)
 # The CPU matrix: (stack, seq, backends). The target cell (GPT-2-small width, seq >= 2048) gets every backend.
 CPU_CELLS = ("gpt2-small:512", "gpt2-small:2048:all", "gpt2-small:2048:amp", "gpt2-small:4096", "gpt2-medium:1024",
-             "llama:2048", "gpt2-small+lora:2048")
+             "llama:2048:share", "gpt2-small+lora:2048")
 QUICK_CELLS = ("gpt2-small:2048:all",)
 GPU_CELLS = ("gpt2-small:1024:all", "gpt2-small:4096:all", "gpt2-small:4096:amp", "gpt2-small:8192", "gpt2-medium:4096:all",
-             "llama:4096:all", "gpt2-small+lora:4096", "llama+lora:4096")
+             "llama:4096:all:share", "gpt2-small+lora:4096", "llama+lora:4096")
 
 
-def parse_cell(text: str):
-    """'gpt2-small+lora:2048[:all][:amp]' -> (stack, lora?, seq, all densities?, bf16 autocast?)."""
+FLAGS = ("all", "amp", "share")  # every density pair; bf16 autocast over fp32 weights; + shared GQA key lists
+
+
+class Cell(NamedTuple):
+    stack: str
+    lora: bool
+    seq: int
+    all_densities: bool
+    amp: bool
+    share: bool  # one more spt row at the default densities with attention_share_kv_lists=True (GQA stacks)
+
+
+def parse_cell(text: str) -> Cell:
+    """'gpt2-small+lora:2048[:all][:amp][:share]' -> Cell."""
     parts = text.split(":")
     flags = parts[2:]
-    if len(parts) < 2 or not parts[1].isdigit() or any(f not in ("all", "amp") for f in flags) \
+    if len(parts) < 2 or not parts[1].isdigit() or any(f not in FLAGS for f in flags) \
             or len(set(flags)) != len(flags):
-        raise ValueError(f"bad cell {text!r}: expected STACK[+lora]:SEQ[:all][:amp], e.g. gpt2-small:2048:all")
+        raise ValueError(f"bad cell {text!r}: expected STACK[+lora]:SEQ[:all][:amp][:share], e.g. gpt2-small:2048:all")
     name, lora = (parts[0][:-5], True) if parts[0].endswith("+lora") else (parts[0], False)
-    return name, lora, int(parts[1]), "all" in flags, "amp" in flags
+    return Cell(name, lora, int(parts[1]), "all" in flags, "amp" in flags, "share" in flags)
 
 
-def backends_for(all_densities: bool):
-    """[(label, backend, options)]: eager, inductor and spt; spt at every density or only the first."""
+def backends_for(all_densities: bool, share: bool = False):
+    """[(label, backend, options)]: eager, inductor and spt; spt at every density or only the defaults, and with
+    `share` once more at the defaults with shared GQA key lists."""
     out = [("eager", None, None), ("inductor", "inductor", None)]
     for a, f in DENSITIES if all_densities else DENSITIES[:1]:
         out.append((f"spt ({a}, {f})", "spt", {"attention_density": a, "ffn_density": f}))
+    if share:
+        a, f = DEFAULT_DENSITIES
+        out.append((f"spt ({a}, {f}) shared kv", "spt",
+                    {"attention_density": a, "ffn_density": f, "attention_share_kv_lists": True}))
     return out
 
 
@@ -70,7 +92,7 @@ def spt_sites(report_list) -> str:
 
 def run_cell(cell: str, args, device, dtype):
     import spt_compile
-    name, lora, seq, all_d, amp = parse_cell(cell)
+    name, lora, seq, all_d, amp, share = parse_cell(cell)
     stack = build_stack(name, layers=args.layers, seq=seq, lora_rank=16 if lora else 0)
     stack.model.to(device=device, dtype=torch.float32 if amp else dtype)  # autocast runs over fp32 weights
     # every cell compiles the same HF forward code again: without a reset Dynamo's per-code recompile limit is hit
@@ -78,7 +100,7 @@ def run_cell(cell: str, args, device, dtype):
     torch._dynamo.reset()
     ids = stack_inputs(args.batch, seq, device)
     steps, sites = {}, {}
-    for label, backend, opts in backends_for(all_d):
+    for label, backend, opts in backends_for(all_d, share):
         m = copy.deepcopy(stack.model)
         fn = m if backend is None else torch.compile(m, backend=backend, options=opts, dynamic=False)
         steps[label] = TrainStep(fn, m, autocast=torch.bfloat16 if amp else None)
@@ -121,7 +143,7 @@ def render(results, args, how, load: str) -> str:
                      "-" if r is ref else memory_label(ref["peak"], r["peak"]), r["sites"]))
     table = markdown_table(("stack", "seq", "backend", "step time", "vs inductor", "peak memory", "vs inductor",
                             "spt sites"), rows)
-    return (f"{table}\n\n- one training step: fwd + bwd + AdamW, batch {args.batch}, {args.layers} layers, "
+    return (f"{table}\n\n- one training step: fwd + bwd + AdamW (fused: spt_compile.stacks.adamw), batch {args.batch}, {args.layers} layers, "
             f"{args.dtype}, synthetic loss (mean square of the last hidden state), random weights\n"
             f"- step time: median of {args.reps} interleaved rounds after 2 warm-up steps per backend\n"
             f"- peak memory: {how}\n"
@@ -150,8 +172,8 @@ def plot(results, path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", nargs="*", help="STACK[+lora]:SEQ[:all][:amp] (default: the CPU or GPU matrix); "
-                    "all = every density pair, amp = bf16 autocast over fp32 weights")
+    ap.add_argument("--cells", nargs="*", help="STACK[+lora]:SEQ[:all][:amp][:share] (default: the CPU or GPU matrix); all = every "
+                    "density pair, amp = bf16 autocast over fp32 weights, share = + a row with shared GQA key lists")
     ap.add_argument("--layers", type=int, default=None, help="layers per stack (default 2 on CPU, 4 on GPU)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="interleaved timing rounds (default 3)")

@@ -82,7 +82,7 @@ def render(runs, args, data) -> str:
                             "after", "gap to dense after (mean ± sd over seeds)", "gap per seed", "retrieval acc",
                             "wall"), rows)
     return (f"{table}\n\n"
-            f"- model: all-MiniLM-L6-v2 (pretrained wheel), full fine-tuning, AdamW lr {args.lr}, {args.steps} steps, "
+            f"- model: all-MiniLM-L6-v2 (pretrained wheel), full fine-tuning, fused AdamW lr {args.lr}, {args.steps} steps, "
             f"batch {args.batch} pairs (= {2 * args.batch} x {args.seq} tokens), batch-order seeds "
             f"{' '.join(map(str, seeds))} (figures: means over the seeds; each gap against the dense run of its seed), "
             f"dropout 0, fp32\n"

@@ -25,6 +25,7 @@ import torch
 
 from spt_compile import demo_data as D
 from spt_compile.measure import fmt_bytes, machine_name, markdown_table, peak_memory
+from spt_compile.stacks import adamw
 
 BASELINE_NAME = {"inductor": "inductor (default)", "aot_eager": "aot_eager (no codegen)"}
 
@@ -86,7 +87,7 @@ def run(args) -> int:
           f"fp32 on {device.type}")
     print(f"data: {data.files} texts from {data.source}: {data.train.shape[0]} training / {data.heldout.shape[0]} "
           f"held-out pairs (held-out = {data.heldout_note}); {args.batch} pairs = {2 * args.batch} x "
-          f"{args.seq} tokens a step; {args.steps} steps, lr {args.lr}, AdamW; {len(held)} held-out batches\n")
+          f"{args.seq} tokens a step; {args.steps} steps, lr {args.lr}, fused AdamW; {len(held)} held-out batches\n")
 
     print(_explain(encoder, train[0], options), "\n", flush=True)
 
@@ -138,7 +139,7 @@ class FineTuneRun:
         self.name, self.backend = name, backend
         self.model = D.PairEncoder(copy.deepcopy(encoder)).train()  # same initial weights for both
         self.fn = torch.compile(self.model, backend=backend, options=options, dynamic=False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.opt = adamw(self.model.parameters(), lr)
         self.losses, self.times = [], []
         self.before = self.after = (float("nan"), float("nan"))
         self.peak = 0

@@ -72,13 +72,24 @@ def synthetic_loss(out) -> torch.Tensor:
     return h.float().square().mean()
 
 
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW as a user tuning for speed runs it: fused (one kernel over all parameters) where torch has it (CPU
+    and CUDA, fp32/bf16/fp16 parameters). The default for-loop AdamW costs 130-400 ms a step on the 2-core CPU
+    for a 40M-parameter stack (fused: ~23 ms); that cost is the same for every backend, so it only dilutes the
+    ratios. Falls back to the default implementation elsewhere."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                                 torch.float16) for p in params)
+    return torch.optim.AdamW(params, lr=lr, fused=fused or None)
+
+
 class TrainStep:
     """One fwd + bwd + AdamW step of `fn` (the compiled model) over `model`'s trainable parameters."""
 
     def __init__(self, fn, model: torch.nn.Module, lr: float = 1e-4, autocast: torch.dtype | None = None):
         self.fn = fn
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.opt = adamw(self.params, lr)
         self.autocast = autocast  # e.g. torch.bfloat16: mixed precision, fp32 weights and optimizer state
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
