@@ -157,3 +157,26 @@ def test_chunk_argument_is_checked():
     cb, codes = ref.pq_quantize(q, 2, 2, 1)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         fast_select.select_tiles(q, cb, codes, None, False, 1.0, 4, 0.5, 1, 4, chunk=0)
+
+
+def test_select_chunk_rule_raises_thin_chunks_to_the_minimum_scored_rows():
+    rows = fast_select._MIN_SCORED_ROWS
+    assert fast_select._select_chunk(32, 10 ** 9, 16) == -(-rows // 16)  # over the cache budget: rows decide
+    assert fast_select._select_chunk(2, 10 ** 9, 16) == 2  # never more tiles than there are
+    assert fast_select._select_chunk(32, 10 ** 9, rows) == 1  # stride 1 at T = 64: one tile is enough rows
+    assert fast_select._select_chunk(32, 1, 16) == 32  # a small problem: the cache budget takes all tiles
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(cases(), st.integers(1, 4))
+def test_selection_does_not_depend_on_the_chunking(c, chunk):
+    """Chunks only lay out the work: any chunk size keeps the same mass and the same L_tile as the default."""
+    q, cb, codes, mask, L = setup(c)
+    scale = q.shape[-1] ** -0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast, "BF16_SCORING", False)
+        got, want = (fast_select.select_tiles(q, cb, codes, mask, c["causal"], scale, c["tile"], c["density"], 8, L,
+                                              stride=c["stride"], chunk=ch) for ch in (chunk, None))
+    assert torch.equal((got >= 0).sum(-1), (want >= 0).sum(-1))
+    mass = fp64_tile_mass(q, cb, codes, mask, c["causal"], scale, c["tile"], c["stride"])
+    torch.testing.assert_close(kept_mass(mass, got), kept_mass(mass, want), rtol=1e-6, atol=1e-9)
