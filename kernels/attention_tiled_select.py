@@ -37,7 +37,7 @@ import triton.language as tl
 from spt_compile.kernels import aot, autotune
 from spt_compile.kernels._tiled_common import Limits, check_tile_args, tdot, tile_key, tiled_site_shapes
 from spt_compile.kernels._triton_utils import block_d, check_pq_selection_args, mask_as_bias
-from spt_compile.lowering.formulas import attention_tile_keys
+from spt_compile.lowering.formulas import attention_tile_keys, mask_is_per_head
 
 KERNEL_STATS = "attention_tiled_select_stats"
 KERNEL_MASS = "attention_tiled_select_mass"
@@ -322,7 +322,7 @@ def select_tiles(q, codebooks, codes, mask, is_causal, scale, tile, density, min
     G consecutive heads share each list, by their masses summed (in torch, between the mass and top-L kernels);
     the union and sizing come from the group's first head, so a per-head mask is the caller's to route elsewhere."""
     assert isinstance(stride, int) and stride >= 1, stride  # checked at the op boundary
-    assert group == 1 or mask is None or mask.shape[1] == 1, "shared lists with a per-head mask: plain path"
+    assert group == 1 or not mask_is_per_head(mask), "shared lists with a per-head mask: plain path"
     check_pq_selection_args(q, codebooks, codes, L)
     nt = check_tile_args(q, None, tile, scale)
     if not 0.0 < float(density) <= 1.0:

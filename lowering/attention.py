@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from spt_compile.lowering.formulas import (attention_is_exact, attention_list_group, attention_num_tiles,
-                                          attention_tile_is_exact, attention_tile_slots)
+                                          attention_tile_is_exact, attention_tile_slots, mask_is_per_head)
 from spt_compile.lowering.reference import pq_attention as ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -192,7 +192,7 @@ def _tiled_forward(q, k, v, mask, is_causal, scale, density, pq_subspaces, pq_ce
     from spt_compile.lowering.attention_tiled import rebuild_exact, tiled_select
     nq, nk = q.shape[2], k.shape[2]
     kernels = _tiled_kernels(q, v)
-    select_kernels = kernels and (group == 1 or mask is None or mask.shape[1] == 1)
+    select_kernels = kernels and (group == 1 or not mask_is_per_head(mask))
     if select_kernels and not attention_tile_is_exact(nq, nk, density, min_keys, is_causal, min_seq_len):
         from spt_compile.kernels.attention_tiled_select import select_tiles
         from spt_compile.kernels.pq import pq_quantize

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor
 
+from spt_compile.lowering.formulas import mask_is_per_head
 from spt_compile.lowering.reference.pq_attention import compute_dtype, dropout_keep
 from spt_compile.lowering.reference.tiled_attention import (_add_mask_grad, _ds_on_keys, _flat_index, _gather_mask,
                                                             _gather_rows, _trim, tile_chunk)
@@ -139,7 +140,7 @@ def _shared_group(q: Tensor, k: Tensor, group: int, mask: Tensor | None, dropout
     head) and no mask gradient; otherwise the per-head layout runs on the repeated lists (same results)."""
     if group == 1 or group != q.shape[1] // k.shape[1] or dropout_p > 0 or mask_grad:
         return 1
-    return group if mask is None or mask.shape[1] == 1 else 1
+    return 1 if mask_is_per_head(mask) else group
 
 
 def _group_rows(x: Tensor, group: int) -> Tensor:

@@ -70,6 +70,12 @@ def attention_list_group(heads: int, kv_heads: int, share_kv_lists: bool) -> int
     return heads // kv_heads if share_kv_lists else 1
 
 
+def mask_is_per_head(mask) -> bool:
+    """A mask [B, H or 1, Nq or 1, Nk] that differs between heads. Shared lists (G > 1) then need the group's
+    union of allowed keys: the plain selection computes it; the selection kernels and the CPU group layout do not."""
+    return mask is not None and mask.shape[1] > 1
+
+
 PQ_FIT_KEYS = 1024  # k-means fits on at most this many keys: 64 per centroid at C = 16 is plenty for 3 Lloyd steps
 
 
