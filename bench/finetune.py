@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import RESULTS_DIR, fmt_bytes, machine_name, machine_slug, markdown_table  # noqa: E402
 from bench._common import write_result  # noqa: E402
 from spt_compile.demo import fwd_bwd_peak, memory_label, speed_label  # noqa: E402
+from spt_compile.options import SptOptions  # noqa: E402
 from spt_compile.stacks import TrainStep, build_stack, stack_inputs  # noqa: E402
 
-from spt_compile.options import SptOptions  # noqa: E402
-
-DEFAULT_DENSITIES = (SptOptions().attention_density, SptOptions().ffn_density)  # (attention, ffn)
+_DEFAULTS = SptOptions()
+DEFAULT_DENSITIES = (_DEFAULTS.attention_density, _DEFAULTS.ffn_density)  # (attention, ffn)
 # the defaults first: a cell without `all` runs only them (the targets are stated at the default densities)
 DENSITIES = (DEFAULT_DENSITIES,) + tuple(d for d in ((0.5, 0.5), (0.25, 0.5), (0.25, 0.25)) if d != DEFAULT_DENSITIES)
 # The CPU matrix: (stack, seq, backends). The target cell (GPT-2-small width, seq >= 2048) gets every backend.
@@ -73,14 +73,14 @@ def parse_cell(text: str) -> Cell:
 def backends_for(all_densities: bool, share: bool = False):
     """[(label, backend, options)]: eager, inductor and spt; spt at every density or only the defaults, and with
     `share` once more at the defaults with shared GQA key lists."""
+    def spt(densities, share_kv=False):
+        a, f = densities
+        opts = {"attention_density": a, "ffn_density": f} | ({"attention_share_kv_lists": True} if share_kv else {})
+        return f"spt ({a}, {f}){' shared kv' if share_kv else ''}", "spt", opts
+
     out = [("eager", None, None), ("inductor", "inductor", None)]
-    for a, f in DENSITIES if all_densities else DENSITIES[:1]:
-        out.append((f"spt ({a}, {f})", "spt", {"attention_density": a, "ffn_density": f}))
-    if share:
-        a, f = DEFAULT_DENSITIES
-        out.append((f"spt ({a}, {f}) shared kv", "spt",
-                    {"attention_density": a, "ffn_density": f, "attention_share_kv_lists": True}))
-    return out
+    out += [spt(d) for d in (DENSITIES if all_densities else DENSITIES[:1])]
+    return out + ([spt(DEFAULT_DENSITIES, share_kv=True)] if share else [])
 
 
 def spt_sites(report_list) -> str:

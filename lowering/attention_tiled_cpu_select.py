@@ -60,8 +60,9 @@ def select_tiles(q: Tensor, codebooks: Tensor, codes: Tensor, mask: Tensor | Non
 
 # Scored rows per head in one chunk's GEMM, at least: the cache budget alone gives one tile per chunk at GPT-2
 # widths (12 heads x 16 scored rows x 2048 keys already fill it), i.e. thin [16, D] x [D, K] GEMMs and ~30 small
-# ops per tile. Measured on the 2-core EPYC at stride 4 (S = 16), 4 tiles a chunk select 25-40% faster than 1
-# (N = 1024-8192, 8-12 heads, causal and not); 8-16 tiles gain no more or lose.
+# ops per tile. At stride 4 (S = 16, 4 tiles a chunk) the selection runs 1.1-2.0x faster than at one tile a chunk
+# (N = 1024-8192, 8 and 12 heads, causal and not: bench/results/attention-tiles-chunks-cpu.md, 2-core EPYC);
+# 8-16 tiles a chunk gained no more or lost in a scratch sweep on the same machine.
 _MIN_SCORED_ROWS = 64
 
 
